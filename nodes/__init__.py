@@ -1,0 +1,1 @@
+"""ComfyUI glue: loader nodes, the attention node, server routes and quantized-tensor layouts."""

@@ -1,0 +1,29 @@
+"""The pack's own exception types. Every user-facing failure is one of these, with a message
+that names the layer, pattern, file or node at fault."""
+
+from __future__ import annotations
+
+
+class OnlineQuantError(Exception):
+    """Base class of every error this pack raises on purpose."""
+
+
+class PatternError(OnlineQuantError, ValueError):
+    """An ignored-layers pattern is invalid (bad regex, partial ignore of a fused layer, ...)."""
+
+
+class CheckpointError(OnlineQuantError, ValueError):
+    """A checkpoint file is unreadable, malformed, or does not fit the architecture."""
+
+
+class NonFiniteWeightError(OnlineQuantError, ValueError):
+    """A weight contains NaN or Inf and cannot be quantized."""
+
+
+class BackendUnavailableError(OnlineQuantError, RuntimeError):
+    """A backend that was asked for explicitly (Triton, AITER, flash-attn, ...) is not installed
+    or cannot run on this device. The message names the package to install."""
+
+
+class QuantizationOOMError(OnlineQuantError, RuntimeError):
+    """Ran out of memory while quantizing a layer; the message names the layer and the size."""

@@ -1,0 +1,87 @@
+"""Shared fixtures: find a real ComfyUI, import the pack the way ComfyUI does.
+
+ComfyUI is looked up, in order, through $COMFYUI_PATH, the custom_nodes layout (this repo sits
+in ComfyUI/custom_nodes/<pack>), then comfy-cli's default ~/comfy/ComfyUI. Tests that need it
+skip with the reason when none is found.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACK_MODULE = "comfyui_online_quant"
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    """Return (path, how it was found) or (None, why not)."""
+    tried = []
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env).expanduser()
+        if (p / "comfy" / "ops.py").is_file():
+            return p, f"COMFYUI_PATH={p}"
+        tried.append(f"COMFYUI_PATH={p} (no comfy/ops.py there)")
+    if REPO_ROOT.parent.name == "custom_nodes":
+        p = REPO_ROOT.parent.parent
+        if (p / "comfy" / "ops.py").is_file():
+            return p, f"custom_nodes layout ({p})"
+        tried.append(f"custom_nodes layout ({p}: no comfy/ops.py)")
+    p = Path("~/comfy/ComfyUI").expanduser()
+    if (p / "comfy" / "ops.py").is_file():
+        return p, f"comfy-cli default ({p})"
+    tried.append(f"{p} (not found)")
+    return None, "no ComfyUI found; tried " + ", ".join(tried)
+
+
+_COMFY_PATH, _COMFY_HOW = find_comfyui()
+
+
+def _import_comfy_or_skip():
+    if _COMFY_PATH is None:
+        pytest.skip(_COMFY_HOW)
+    if str(_COMFY_PATH) not in sys.path:
+        sys.path.insert(0, str(_COMFY_PATH))
+    try:
+        import comfy.cli_args
+
+        # No GPU in CI: ComfyUI must not probe CUDA. Same effect as `main.py --cpu`.
+        import torch
+
+        if not torch.cuda.is_available():
+            comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.ops  # noqa: F401
+    except ImportError as e:  # ComfyUI present but its requirements are not installed
+        pytest.skip(f"ComfyUI at {_COMFY_PATH} does not import ({e}); install its requirements")
+    return _COMFY_PATH
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    """Path of a real ComfyUI checkout, importable as `comfy` (skips when none is found)."""
+    return _import_comfy_or_skip()
+
+
+def import_pack():
+    """Import this repo as a package, as ComfyUI's custom-node loader does (by file location)."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack(comfyui_path):
+    """The pack imported as ComfyUI imports it (needs ComfyUI for `pack.nodes`)."""
+    return import_pack()
