@@ -85,3 +85,22 @@ def import_pack():
 def pack(comfyui_path):
     """The pack imported as ComfyUI imports it (needs ComfyUI for `pack.nodes`)."""
     return import_pack()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, tmp_path_factory):
+    """A real ComfyUI server (main.py --cpu, loopback) with this pack as a custom node.
+
+    Isolated base directory (models, custom_nodes, user, db) under a temp dir; models go in
+    `comfy_server.models_dir / "diffusion_models"` etc. (ComfyUI rescans folders when they change).
+    Stopped by PID at the end of the session. See tests/comfy_server.py.
+    """
+    from comfy_server import start_comfy_server
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    try:
+        server = start_comfy_server(comfyui_path, base)
+    except RuntimeError as e:
+        pytest.fail(f"could not start ComfyUI: {e}")
+    yield server
+    server.stop()
