@@ -27,3 +27,8 @@ class BackendUnavailableError(OnlineQuantError, RuntimeError):
 
 class QuantizationOOMError(OnlineQuantError, RuntimeError):
     """Ran out of memory while quantizing a layer; the message names the layer and the size."""
+
+
+class HeaderTooLargeError(CheckpointError):
+    """A safetensors header is larger than the cap the caller set (`read_header(max_header_bytes=...)`).
+    The web preview answers HTTP 413 for it; loading a model uses the format's own 100 MB limit."""
