@@ -1,0 +1,592 @@
+"""A strict reader for untrusted `.safetensors` files: the header without the data, and tensors
+one at a time by positioned reads.
+
+Every rule the format itself enforces (huggingface/safetensors `tensor.rs`, DESIGN.md §8) is
+checked here, so a file this module accepts is one the safetensors library accepts too, with one
+documented difference: **duplicate keys are rejected** (the spec forbids them; the library keeps
+the last one, so which tensor gets loaded would depend on the parser).
+
+Why not `safetensors.safe_open`: its default backend mmaps the file, and a file truncated while it
+is being read then kills the whole ComfyUI process with SIGBUS; its error texts also changed in
+0.6. Here data is read with `seek` + `readinto` into memory we own, so a short read is a normal
+`CheckpointError`, and nothing is matched on any library's message text.
+
+Every failure is a `CheckpointError` (`HeaderTooLargeError` above a caller's cap) whose message
+starts with the file name, says what is wrong and, where it helps, what to do. The exception also
+carries `.path` and `.reason` (the message without the path), e.g. for a web route that must not
+echo server paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import CheckpointError, HeaderTooLargeError
+
+if TYPE_CHECKING:
+    import torch
+
+# The format's own limit on the JSON header (safetensors `MAX_HEADER_SIZE`).
+MAX_HEADER_BYTES = 100_000_000
+_U64_MAX = 2**64 - 1
+
+# The closed dtype list of safetensors 0.8 (`Dtype` in tensor.rs) -> bits per element.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+# safetensors dtype -> torch dtype attribute name (as `safetensors.torch` maps them). F4 is
+# stored two codes per byte and becomes float4_e2m1fn_x2 with the last dimension halved.
+_TORCH_DTYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": "float4_e2m1fn_x2",
+}
+
+_READ_CHUNK = 64 << 20  # bytes per readinto call: bounded syscalls, no giant temporary
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the header. `start`/`end` are byte offsets relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header. `tensors` is in file (offset) order."""
+
+    path: str
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    header_len: int
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        """Absolute file offset of the first data byte."""
+        return 8 + self.header_len
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: e.shape for name, e in self.tensors.items()}
+
+    def dtypes(self) -> dict[str, str]:
+        return {name: e.dtype for name, e in self.tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def _fail(path: str, reason: str, cls: type[CheckpointError] = CheckpointError) -> CheckpointError:
+    err = cls(f"{path}: {reason}")
+    err.path = path  # type: ignore[attr-defined]
+    err.reason = reason  # type: ignore[attr-defined]
+    return err
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """A tensor name or value for a message: repr'd (so control characters show) and bounded."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a file that is not safetensors looks like (asked only after the format checks failed, so a
+# valid file is never misnamed)
+
+_SNIFF_BYTES = 1024
+
+
+def _sniff(head: bytes) -> str | None:
+    stripped = head.lstrip(b" \t\r\n\xef\xbb\xbf")
+    lower = stripped[:256].lower()
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        return (
+            "is a Git LFS pointer file, not the model weights (the real file was never downloaded): "
+            "run `git lfs pull` in the repository it came from, or download the file itself"
+        )
+    if lower.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or (
+        lower.startswith(b"<") and b"<html" in head.lower()
+    ):
+        return (
+            "is an HTML page (an error or login page was saved instead of the model): download the "
+            "file again (on Hugging Face use the file's download link, not its web page)"
+        )
+    if head.startswith(b"GGUF"):
+        return (
+            "is a GGUF file renamed to .safetensors: load it with a GGUF loader (e.g. ComfyUI-GGUF); "
+            "this loader quantizes ordinary bf16/fp16 .safetensors files"
+        )
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return (
+            "is a PyTorch pickle checkpoint (.ckpt/.pt/.bin) renamed to .safetensors; this pack never "
+            "unpickles files (unpickling can run code): use the model's .safetensors release, or "
+            "convert it with a tool you trust"
+        )
+    if stripped.startswith((b"{", b"[")):
+        return (
+            "is a JSON text file, not a safetensors file (a safetensors file starts with an 8-byte "
+            "header length): check that you picked the model file, not its config"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON with the format's number rules
+
+
+class _BadNumber:
+    """A JSON number where the format wants an unsigned 64-bit integer (kept as text for messages)."""
+
+    __slots__ = ("text", "why")
+
+    def __init__(self, text: str, why: str):
+        self.text = text if len(text) <= 40 else text[:37] + "..."
+        self.why = why
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _HeaderJSONError(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int | _BadNumber:
+    # Checked before int(): a 90 MB digit string must not be converted (and Python caps int()
+    # of long strings anyway).
+    if text.startswith("-"):
+        return _BadNumber(text, "negative")
+    if len(text) > 20 or int(text) > _U64_MAX:
+        return _BadNumber(text, "larger than 2^64-1")
+    return int(text)
+
+
+def _parse_float(text: str) -> _BadNumber:
+    return _BadNumber(text, "not an integer")
+
+
+def _parse_constant(text: str) -> None:
+    raise _HeaderJSONError(f"{text} is not valid JSON")
+
+
+def _object_pairs(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _HeaderJSONError(
+                    f"key {_short(key)} appears twice; the safetensors format forbids duplicate keys "
+                    "(the safetensors library silently keeps the last one, so which tensor is loaded "
+                    "would be ambiguous): re-save the file with a tool that writes each key once"
+                )
+            seen.add(key)
+    return out
+
+
+def _decode_json(path: str, raw: bytes) -> object:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"header is not valid UTF-8 (byte {e.start + 8} of the file)") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_object_pairs,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except _HeaderJSONError as e:
+        raise _fail(path, f"header is not valid safetensors JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"header is not valid JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply (a safetensors header nests 3 levels)") from None
+
+
+def _check_str(path: str, what: str, s: str) -> None:
+    # Python's json accepts lone UTF-16 surrogates in \u escapes; the format (serde_json) does not.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(path, f"{what} {_short(s)} contains an invalid \\u escape (a lone surrogate)") from None
+
+
+def _u64(v: object) -> bool:
+    return type(v) is int  # bool is an int subclass: excluded on purpose; _BadNumber is not int
+
+
+def _describe_bad(v: object) -> str:
+    if isinstance(v, _BadNumber):
+        return f"{v.text} ({v.why})"
+    if isinstance(v, bool):
+        return f"{str(v).lower()} (a boolean)"
+    text = json.dumps(v, default=repr, ensure_ascii=True)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(v).__name__})"
+
+
+def _parse_entries(path: str, obj: object) -> tuple[list[TensorEntry], dict[str, str]]:
+    if not isinstance(obj, dict):
+        raise _fail(path, f"header is a JSON {type(obj).__name__}, not an object mapping tensor names")
+    metadata: dict[str, str] = {}
+    entries: list[TensorEntry] = []
+    for name, info in obj.items():
+        _check_str(path, "key", name)
+        if name == "__metadata__":
+            if info is None:
+                continue
+            if not isinstance(info, dict):
+                raise _fail(path, "__metadata__ must map strings to strings, got " + _describe_bad(info))
+            for k, v in info.items():
+                _check_str(path, "__metadata__ key", k)
+                if not isinstance(v, str):
+                    raise _fail(
+                        path, f"__metadata__ value of {_short(k)} must be a string, got {_describe_bad(v)}"
+                    )
+                _check_str(path, f"__metadata__ value of {_short(k)}:", v)
+            metadata = dict(info)
+            continue
+        tname = _short(name)
+        if not isinstance(info, dict):
+            raise _fail(path, f"tensor {tname}: entry must be an object, got {_describe_bad(info)}")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in info:
+                raise _fail(path, f"tensor {tname}: missing field {field!r}")
+        dtype = info["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            shown = _short(dtype) if isinstance(dtype, str) else _describe_bad(dtype)
+            raise _fail(
+                path, f"tensor {tname}: unknown dtype {shown} (known: {', '.join(DTYPE_BITS)})"
+            )
+        shape = info["shape"]
+        if not isinstance(shape, list):
+            raise _fail(path, f"tensor {tname}: shape must be a list of integers, got {_describe_bad(shape)}")
+        for d in shape:
+            if not _u64(d):
+                raise _fail(
+                    path, f"tensor {tname}: shape {_describe_shape(shape)} has a dimension that is not "
+                    f"a non-negative integer: {_describe_bad(d)}"
+                )
+        offsets = info["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+            raise _fail(
+                path, f"tensor {tname}: data_offsets must be two non-negative integers [start, end], "
+                f"got {_describe_shape(offsets) if isinstance(offsets, list) else _describe_bad(offsets)}"
+            )
+        entries.append(TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    return entries, metadata
+
+
+def _describe_shape(seq: list) -> str:
+    parts = [repr(x) if not isinstance(x, bool) else str(x).lower() for x in seq[:8]]
+    return "[" + ", ".join(parts) + (", ...]" if len(seq) > 8 else "]")
+
+
+def _validate_layout(path: str, entries: list[TensorEntry], data_len: int) -> list[TensorEntry]:
+    """The format's `validate`: sorted by offsets, contiguous from 0, sizes exact (checked)."""
+    entries = sorted(entries, key=lambda e: (e.start, e.end))
+    pos = 0
+    prev: TensorEntry | None = None
+    for e in entries:
+        tname = _short(e.name)
+        span = f"data_offsets [{e.start}, {e.end}]"
+        if e.end < e.start:
+            raise _fail(path, f"tensor {tname}: {span} end before they start")
+        if e.start > pos:
+            raise _fail(
+                path, f"tensor {tname}: {span} leave a hole of {e.start - pos} bytes after "
+                + (f"tensor {_short(prev.name)}" if prev else "the start of the data")
+                + " (tensors must be contiguous, starting at 0)"
+            )
+        if e.start < pos:
+            raise _fail(path, f"tensor {tname}: {span} overlap tensor {_short(prev.name)} (ends at {pos})")
+        # Checked arithmetic, left to right, exactly as the format does it (u64 overflow).
+        numel = 1
+        for d in e.shape:
+            numel *= d
+            if numel > _U64_MAX:
+                raise _fail(path, f"tensor {tname}: shape {_describe_shape(list(e.shape))} overflows")
+        bits = numel * DTYPE_BITS[e.dtype]
+        if bits > _U64_MAX:
+            raise _fail(path, f"tensor {tname}: shape {_describe_shape(list(e.shape))} overflows")
+        if bits % 8:
+            raise _fail(
+                path, f"tensor {tname}: {numel} elements of {e.dtype} do not fill whole bytes "
+                f"({bits} bits)"
+            )
+        if e.end - e.start != bits // 8:
+            raise _fail(
+                path, f"tensor {tname}: dtype {e.dtype} and shape {_describe_shape(list(e.shape))} need "
+                f"{bits // 8} bytes but {span} span {e.end - e.start}"
+            )
+        pos = e.end
+        prev = e
+    if pos != data_len:
+        if pos > data_len:
+            raise _fail(
+                path, f"file is {pos - data_len} bytes short (the header describes {pos} bytes of data, "
+                f"the file has {data_len}): it is truncated; download or copy it again"
+            )
+        raise _fail(
+            path, f"file has {data_len - pos} bytes after the last tensor (the header describes {pos} "
+            f"bytes of data, the file has {data_len}): it is corrupt or not a plain safetensors file"
+        )
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open read-only without blocking on a FIFO; only regular files (after symlinks) pass."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise _fail(
+                path, f"is a symbolic link to {os.readlink(path)!r}, which does not exist: fix or "
+                "remove the link"
+            ) from None
+        raise _fail(path, "file not found") from None
+    except IsADirectoryError:
+        raise _fail(path, "is a directory, not a .safetensors file") from None
+    except PermissionError:
+        raise _fail(path, "cannot be read (permission denied)") from None
+    except OSError as e:
+        raise _fail(path, f"cannot be opened ({e.strerror or type(e).__name__})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = (
+            "a directory" if stat.S_ISDIR(st.st_mode)
+            else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
+        raise _fail(path, f"is {kind}, not a .safetensors file")
+    return fd, st
+
+
+def _pread_exact(f, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    buf = bytearray(size)
+    got = _readinto_full(f, memoryview(buf))
+    return bytes(buf[:got])
+
+
+def _readinto_full(f, view: memoryview) -> int:
+    """Fill `view` from the file's current position; returns bytes read (short only at EOF)."""
+    got = 0
+    total = len(view)
+    while got < total:
+        n = f.readinto(view[got : min(total, got + _READ_CHUNK)])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_header_from(f, path: str, size: int, max_header_bytes: int) -> SafetensorsHeader:
+    def sniffed(reason: str) -> CheckpointError:
+        what = _sniff(_pread_exact(f, 0, min(size, _SNIFF_BYTES)))
+        return _fail(path, what) if what else _fail(path, reason)
+
+    if size == 0:
+        raise _fail(path, "is empty (0 bytes): the download or copy did not finish; get the file again")
+    if size < 8:
+        raise sniffed(
+            f"is {size} bytes long, too short for a safetensors file (it starts with an 8-byte header "
+            "length): the download or copy did not finish"
+        )
+    first = _pread_exact(f, 0, 8)
+    if len(first) < 8:
+        raise _fail(path, "file shrank while being read (it is being written or truncated)")
+    n = int.from_bytes(first, "little")
+    if n > MAX_HEADER_BYTES:
+        raise sniffed(
+            f"header length field says {n} bytes, above the format's limit of {MAX_HEADER_BYTES}: "
+            "not a safetensors file, or a corrupt one"
+        )
+    if n > size - 8:
+        raise sniffed(
+            f"header length field says {n} bytes but only {size - 8} bytes follow it: the file is "
+            "truncated or not a safetensors file"
+        )
+    if n > max_header_bytes:
+        raise _fail(
+            path, f"header is {n} bytes, above this reader's cap of {max_header_bytes} bytes",
+            HeaderTooLargeError,
+        )
+    raw = _pread_exact(f, 8, n)
+    if len(raw) < n:
+        raise _fail(path, "file shrank while its header was being read (it is being written or truncated)")
+    try:
+        obj = _decode_json(path, raw)
+    except CheckpointError:
+        what = _sniff(_pread_exact(f, 0, min(size, _SNIFF_BYTES)))
+        if what:
+            raise _fail(path, what) from None
+        raise
+    entries, metadata = _parse_entries(path, obj)
+    entries = _validate_layout(path, entries, size - 8 - n)
+    return SafetensorsHeader(
+        path=path,
+        tensors={e.name: e for e in entries},
+        metadata=metadata,
+        header_len=n,
+        file_size=size,
+    )
+
+
+def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Read and validate only the header of a safetensors file (constant time in the data size).
+
+    Raises `CheckpointError` naming the file for anything the format forbids, for duplicate keys,
+    and for things that are not safetensors files at all (pipes, directories, dangling links, Git
+    LFS pointers, HTML pages, pickles, GGUF). A header above `max_header_bytes` (but within the
+    format's own 100 MB) raises `HeaderTooLargeError`, which the web preview answers with 413.
+    """
+    p = os.fspath(path)
+    fd, st = _open_regular(p)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        return _read_header_from(f, p, st.st_size, max_header_bytes)
+
+
+def torch_dtype(dtype: str) -> torch.dtype | None:
+    """The torch dtype safetensors maps `dtype` to, or None (F6 types, or an older torch)."""
+    import torch
+
+    attr = _TORCH_DTYPES.get(dtype)
+    return getattr(torch, attr, None) if attr else None
+
+
+def _torch_shape(entry: TensorEntry, path: str) -> tuple[int, ...]:
+    if entry.dtype != "F4":
+        return entry.shape
+    # Two E2M1 codes per byte: float4_e2m1fn_x2 with the last dimension halved (as safetensors.torch).
+    if not entry.shape or entry.shape[-1] % 2:
+        raise _fail(path, f"tensor {_short(entry.name)}: F4 shape {list(entry.shape)} has an odd last "
+                    "dimension, which PyTorch's float4_e2m1fn_x2 cannot hold")
+    return (*entry.shape[:-1], entry.shape[-1] // 2)
+
+
+def iter_tensors(
+    path: str | os.PathLike,
+    names: Iterable[str] | None = None,
+    *,
+    header: SafetensorsHeader | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, cpu tensor)` one at a time, in file order, reading each tensor's bytes with a
+    positioned read into memory it owns (no mmap: a file truncated meanwhile raises
+    `CheckpointError` instead of SIGBUS). Only one tensor's bytes are held at a time by this
+    generator. `names` restricts the tensors (a name not in the file is a `CheckpointError`);
+    `header` skips re-reading a header already read. Dtypes convert as `safetensors.torch` does.
+    """
+    import torch
+
+    p = os.fspath(path)
+    fd, st = _open_regular(p)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        hdr = header if header is not None else _read_header_from(f, p, st.st_size, MAX_HEADER_BYTES)
+        if st.st_size != hdr.file_size:
+            raise _fail(p, f"file changed size since its header was read ({hdr.file_size} -> {st.st_size} "
+                        "bytes): it is being written; try again when the copy has finished")
+        if names is None:
+            wanted = list(hdr.tensors.values())
+        else:
+            want = set(names)
+            missing = sorted(want - hdr.tensors.keys())
+            if missing:
+                shown = ", ".join(_short(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise _fail(p, f"{len(missing)} tensor(s) not in the file: {shown}")
+            wanted = [e for e in hdr.tensors.values() if e.name in want]
+        for e in wanted:
+            tdtype = torch_dtype(e.dtype)
+            if tdtype is None:
+                raise _fail(p, f"tensor {_short(e.name)}: dtype {e.dtype} has no PyTorch equivalent here")
+            shape = _torch_shape(e, p)
+            if e.nbytes == 0:
+                yield e.name, torch.empty(shape, dtype=tdtype)
+                continue
+            buf = bytearray(e.nbytes)
+            f.seek(hdr.data_start + e.start)
+            got = _readinto_full(f, memoryview(buf))
+            if got != e.nbytes:
+                raise _fail(
+                    p, f"file ended while reading tensor {_short(e.name)} (got {got} of {e.nbytes} bytes): "
+                    "it was truncated or replaced while being read; get the file again"
+                )
+            t = torch.frombuffer(buf, dtype=torch.uint8)
+            if sys.byteorder == "big" and torch.empty((), dtype=tdtype).element_size() > 1:
+                size = torch.empty((), dtype=tdtype).element_size()
+                t = t.view(-1, size).flip(-1).reshape(-1)
+            yield e.name, t.view(tdtype).reshape(shape)
