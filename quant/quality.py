@@ -78,6 +78,20 @@ def relative_l2(ref: Tensor, test: Tensor) -> float:
     return math.sqrt(noise / signal)
 
 
+def channel_sqnr_db(ref: Tensor, test: Tensor) -> Tensor:
+    """Per-row SQNR in dB (fp32, shape ref.shape[:-1]): for a weight [N, K], one number per output
+    channel. The global SQNR is dominated by the largest rows; this shows the small rows that a
+    per-tensor scale flushes to zero (the FP8 tensor-vs-channel question)."""
+    _check_pair(ref, test)
+    r = ref.detach().float()
+    d = r - test.detach().to(r.device).float()
+    signal = (r * r).sum(-1)
+    noise = (d * d).sum(-1)
+    out = 10.0 * torch.log10(signal / noise)
+    out = torch.where(noise == 0, torch.full_like(out, math.inf), out)
+    return torch.where((signal == 0) & (noise > 0), torch.full_like(out, -math.inf), out)
+
+
 def mse(ref: Tensor, test: Tensor) -> float:
     """Mean squared error, fp32 per chunk."""
     _, noise = _signal_and_noise(ref, test)
@@ -301,3 +315,299 @@ def parse_sensitivity_rule(text: str | None) -> SensitivityRule:
     if rule.keep_worst_fraction is not None and not 0.0 <= rule.keep_worst_fraction <= 1.0:
         raise ValueError(f"keep_sensitive: {text!r}: the percentage must be between 0 and 100")
     return rule
+
+
+def quantized_weight_sqnr_db(w: Tensor, qw) -> float:
+    """Weight SQNR (dB) of a `formats.QuantizedWeight` against the weight it was made from: the
+    load report's per-layer number. Dequantizes once to fp32 on the weight's device."""
+    return sqnr_db(w, qw.dequantize(torch.float32))
+
+
+def measure_weight_sqnr(tensors, plan, *, device: torch.device | str | None = None) -> dict[str, float]:
+    """Stream `(state-dict key, tensor)` pairs (e.g. `safetensors_header.iter_tensors(path)`),
+    quantize each weight the plan quantizes with the plan's format, and return name -> SQNR dB.
+
+    Holds one layer at a time. This is the pre-pass that global sensitivity rules ("worst 5%",
+    "max 12 GB") need before the real load; a threshold rule can instead be decided per layer
+    while loading (`SensitivityRule.is_local`)."""
+    from .formats import get_format
+    from .patterns import strip_prefix
+
+    fmt = get_format(plan.format)
+    out: dict[str, float] = {}
+    for key, t in tensors:
+        if not key.endswith(".weight") or t.dim() != 2:
+            continue
+        name = strip_prefix(key[: -len(".weight")])
+        d = plan.decision(name)
+        if d is None or not d.quantize:
+            continue
+        if device is not None:
+            t = t.to(device)
+        out[name] = quantized_weight_sqnr_db(t, fmt.quantize(t))
+    return out
+
+
+def apply_sensitivity(
+    plan, per_layer_sqnr: Mapping[str, float], rule: SensitivityRule | str | None, *, other_bytes: int = 0,
+    dtype_bytes: int = 2,
+):
+    """Return `(new_plan, kept_names)`: `plan` (a selection.QuantPlan, not modified) with the
+    layers the rule picks switched to "keep" (source "sensitivity", reason quoting their SQNR).
+
+    Candidates are the plan's quantized layers that have a measured SQNR. For a byte budget,
+    `other_bytes` is what the model holds besides its Linear weights (norms, biases, embeddings)
+    and each kept layer costs its bf16 bytes (`dtype_bytes` per weight) minus its packed bytes.
+    Paste `ignore_lines(kept_names, per_layer_sqnr)` into the ignored-layers field to make the
+    choice permanent."""
+    import dataclasses
+
+    if not isinstance(rule, SensitivityRule):
+        rule = parse_sensitivity_rule(rule)
+    if not rule.active:
+        return plan, []
+    from .formats import get_format
+
+    packed = plan.packed_nbytes or get_format(plan.format).packed_nbytes
+    cands = {d.name: d for d in plan.quantized() if d.name in per_layer_sqnr}
+    errors = {n: float(per_layer_sqnr[n]) for n in cands}
+    sizes = {
+        n: d.out_features * d.in_features * dtype_bytes - packed(d.out_features, d.in_features)
+        for n, d in cands.items()
+    }
+    kept = choose_sensitive_layers(
+        errors,
+        sizes,
+        threshold_db=rule.threshold_db,
+        keep_worst_fraction=rule.keep_worst_fraction,
+        byte_budget=rule.byte_budget,
+        base_bytes=plan.bytes_after(dtype_bytes) + other_bytes,
+    )
+    chosen = set(kept)
+    decisions = [
+        dataclasses.replace(
+            d,
+            quantize=False,
+            source="sensitivity",
+            reason=f"sensitive: weight SQNR {errors[d.name]:.1f} dB ({rule.describe()})",
+            pattern=None,
+            line=None,
+        )
+        if d.name in chosen
+        else d
+        for d in plan.decisions
+    ]
+    return dataclasses.replace(plan, decisions=decisions), kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake quantization (quantize then dequantize, fp32) through the formats' own reference code
+# ---------------------------------------------------------------------------------------------
+
+#: Weight variants the bench and the activation statistics compare.
+WEIGHT_VARIANTS = ("fp8_channel", "fp8_tensor", "mxfp4_even", "mxfp4_floor", "mxfp4_ceil")
+
+
+def fake_quantize_weight(w: Tensor, variant: str) -> Tensor:
+    """Quantize-dequantize a [N, K] weight with one of WEIGHT_VARIANTS; returns fp32."""
+    from . import fp8, mxfp4  # A's modules; imported late so the metrics work on their own
+
+    w = w.float()
+    if variant.startswith("fp8_"):
+        q, s = fp8.quantize_weight(w, granularity=variant[4:])
+        return fp8.dequantize(q, s, torch.float32)
+    if variant.startswith("mxfp4_"):
+        codes, scales = mxfp4.quantize(w, rounding=variant[6:])
+        return mxfp4.dequantize(codes, scales, torch.float32)
+    raise ValueError(f"unknown weight variant {variant!r}; known: {', '.join(WEIGHT_VARIANTS)}")
+
+
+def fake_quantize_activation(x: Tensor, bits: int) -> Tensor:
+    """Quantize-dequantize activations [..., K] as the W8A8 / W4A4 paths do: 8 = FP8 e4m3 with a
+    dynamic per-token scale; 4 = MXFP4 with AITER's `dynamic_mxfp4_quant` rounding ("even")."""
+    from . import fp8, mxfp4
+
+    x = x.float()
+    if bits == 8:
+        q, s = fp8.quantize_activation(x)
+        return q.float() * s
+    if bits == 4:
+        codes, scales = mxfp4.quantize(x, rounding="even")
+        return mxfp4.dequantize(codes, scales, torch.float32)
+    raise ValueError(f"activation bits must be 8 or 4, got {bits}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation statistics on the first forward
+# ---------------------------------------------------------------------------------------------
+
+#: Output-error schemes measured per layer: name -> (weight variant or None, activation bits or None)
+ACTIVATION_SCHEMES = {
+    "w8a8": ("fp8_channel", 8),
+    "w4a4": ("mxfp4_even", 4),
+    "a8": (None, 8),  # activation error alone (bf16 weight)
+    "a4": (None, 4),
+}
+
+
+@dataclass
+class ActivationStats:
+    """What one Linear saw on its first call."""
+
+    name: str
+    out_features: int
+    in_features: int
+    tokens: int  # rows of the input (all of them; errors use at most `max_tokens` of them)
+    amax: float
+    channel_amax: Tensor  # [in_features] fp32 on CPU: max |x| per input channel
+    kurtosis: float  # Pearson kurtosis of all input values (3 for a Gaussian)
+    outlier_ratio: float  # max channel amax / median channel amax
+    output_sqnr_db: dict[str, float]  # scheme -> SQNR of the layer output vs bf16/fp32, on this input
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": [self.out_features, self.in_features],
+            "tokens": self.tokens,
+            "amax": self.amax,
+            "kurtosis": round(self.kurtosis, 3),
+            "outlier_ratio": round(self.outlier_ratio, 3),
+            "top_channels": [int(i) for i in torch.topk(self.channel_amax, min(4, self.in_features)).indices],
+            "output_sqnr_db": {k: round(v, 2) for k, v in self.output_sqnr_db.items()},
+        }
+
+
+def layer_activation_stats(
+    name: str, x: Tensor, weight: Tensor, *, schemes: Sequence[str] = ("w8a8", "w4a4"), max_tokens: int = 512
+) -> ActivationStats:
+    """Statistics of input `x` [..., K] of a Linear with weight [N, K], and the output SQNR of
+    each scheme in ACTIVATION_SCHEMES on (an even subsample of at most `max_tokens` rows of) it."""
+    k = x.shape[-1]
+    flat = x.detach().reshape(-1, k)
+    absx = flat.abs()
+    channel_amax = absx.amax(dim=0).float().cpu() if flat.shape[0] else torch.zeros(k)
+    rows = flat.shape[0]
+    if rows > max_tokens:
+        idx = torch.linspace(0, rows - 1, max_tokens, device=flat.device).round().long()
+        xs = flat.index_select(0, idx).float()
+    else:
+        xs = flat.float()
+    mean = xs.mean()
+    var = xs.var(unbiased=False)
+    kurt = float(((xs - mean) ** 4).mean() / (var * var)) if float(var) > 0 else math.nan
+    med = float(channel_amax.median()) if k else 0.0
+    w = weight.detach()
+    if hasattr(w, "dequantize"):  # comfy-kitchen QuantizedTensor and friends
+        w = w.dequantize()
+    w = w.to(xs.device).float()
+    ref = xs @ w.t()
+    errs: dict[str, float] = {}
+    for scheme in schemes:
+        variant, bits = ACTIVATION_SCHEMES[scheme]
+        if ((variant or "").startswith("mxfp4") or bits == 4) and k % 32:
+            continue  # MXFP4 needs K % 32 == 0: not measurable, not quantizable either
+        wq = fake_quantize_weight(w, variant) if variant else w
+        xq = fake_quantize_activation(xs, bits) if bits else xs
+        errs[scheme] = sqnr_db(ref, xq @ wq.t())
+    return ActivationStats(
+        name=name,
+        out_features=w.shape[0],
+        in_features=k,
+        tokens=rows,
+        amax=float(channel_amax.max()) if k else 0.0,
+        channel_amax=channel_amax,
+        kurtosis=kurt,
+        outlier_ratio=float(channel_amax.max()) / med if med > 0 else math.inf,
+        output_sqnr_db=errs,
+    )
+
+
+class ActivationStatsCollector:
+    """Forward pre-hooks on every `nn.Linear` of `model` that record `layer_activation_stats` on
+    the layer's FIRST call only, then stay idle (a sampling run of 20 steps pays once).
+
+        with ActivationStatsCollector(model) as col:
+            model(x)
+        print(col.table())
+
+    Cost: per Linear, one extra matmul of `max_tokens` rows per scheme plus one quantization of
+    its weight per weight variant, on the layer's device, during that first call only.
+    `names` restricts the hooks to those layer names; `prefix` is stripped from reported names.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        schemes: Sequence[str] = ("w8a8", "w4a4"),
+        max_tokens: int = 512,
+        names: Sequence[str] | None = None,
+        prefix: str = "",
+    ) -> None:
+        unknown = [s for s in schemes if s not in ACTIVATION_SCHEMES]
+        if unknown:
+            raise ValueError(f"unknown schemes {unknown}; known: {', '.join(ACTIVATION_SCHEMES)}")
+        self.model = model
+        self.schemes = tuple(schemes)
+        self.max_tokens = max_tokens
+        self.names = set(names) if names is not None else None
+        self.prefix = prefix
+        self.stats: dict[str, ActivationStats] = {}
+        self.errors: dict[str, str] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> ActivationStatsCollector:
+        for full, mod in self.model.named_modules():
+            name = full[len(self.prefix) :] if self.prefix and full.startswith(self.prefix) else full
+            if not isinstance(mod, torch.nn.Linear) or (self.names is not None and name not in self.names):
+                continue
+            self._handles.append(mod.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if name in self.stats or name in self.errors or not args or not isinstance(args[0], Tensor):
+                return
+            try:
+                with torch.no_grad():
+                    self.stats[name] = layer_activation_stats(
+                        name, args[0], module.weight, schemes=self.schemes, max_tokens=self.max_tokens
+                    )
+            except Exception as e:  # statistics must never break the user's forward pass
+                self.errors[name] = f"{type(e).__name__}: {e}"
+
+        return hook
+
+    def worst(self, scheme: str = "w8a8", n: int = 10) -> list[ActivationStats]:
+        """The n layers with the lowest output SQNR under `scheme`."""
+        have = [s for s in self.stats.values() if scheme in s.output_sqnr_db]
+        return sorted(have, key=lambda s: (s.output_sqnr_db[scheme], s.name))[:n]
+
+    def table(self, n: int = 10) -> str:
+        """Plain-text table of the worst layers per scheme (the compare node's UI text)."""
+        lines = [f"activation statistics: {len(self.stats)} Linear layers observed"]
+        for scheme in self.schemes:
+            worst = self.worst(scheme, n)
+            if not worst:
+                continue
+            lines.append(f"worst {len(worst)} layers for {scheme} (SQNR | kurtosis | max/median amax):")
+            for s in worst:
+                sq = s.output_sqnr_db[scheme]
+                lines.append(f"  {s.name}: {sq:.1f} dB | {s.kurtosis:.1f} | {s.outlier_ratio:.1f}x")
+        for name, err in sorted(self.errors.items()):
+            lines.append(f"  (not measured) {name}: {err}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [s.to_dict() for s in self.stats.values()],
+            "errors": dict(self.errors),
+        }

@@ -87,3 +87,11 @@ def test_ssim_video_and_channels_first_layouts_agree():
     frames = quality.ssim(vid, noisy, batch_chunk=2)
     cf = quality.ssim(vid[0].movedim(-1, 1), noisy[0].movedim(-1, 1), channels_last=False)
     assert frames == pytest.approx(cf, abs=1e-6)
+
+
+def test_channel_sqnr_per_row():
+    ref = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    test = torch.tensor([[3.0, 3.0], [1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    got = quality.channel_sqnr_db(ref, test)
+    assert got[0] == pytest.approx(10 * math.log10(25.0))
+    assert got[1] == math.inf and got[2] == math.inf and got[3] == -math.inf
