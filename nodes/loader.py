@@ -1,0 +1,210 @@
+"""`load_quantized`: load a diffusion model file through ComfyUI, quantizing Linear layers online.
+
+Plain Python (no node machinery), so the loader node, H's compare node, tests and scripts all
+call the same function. Steps: read the file with ComfyUI's `load_torch_file`; detect the family
+and list the Linear layers from the tensor shapes (quant.selection); build the plan; build a
+fresh ops class (nodes/ops.py); let ComfyUI build and load the model with
+`model_options["custom_operations"]`, so each layer is quantized as ComfyUI loads it.
+
+The ignored-layers text (node field and `ignore_text` argument):
+- `None`, or a text whose first line starts with `# auto` (the node's default, AUTO_IGNORE_TEXT):
+  the detected family's defaults (`quant.families.default_ignore_text`); patterns written below
+  the `# auto` line are added to those defaults;
+- `""` (an empty field): no pattern, quantize every eligible layer;
+- anything else: exactly those patterns (syntax: quant/patterns.py).
+
+A failed load raises and leaves nothing behind: no module-level cache holds the partial model,
+the state dict is dropped, and the GPU cache is emptied.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import torch
+
+from ..quant.errors import CheckpointError
+from ..quant.families import default_ignore_text, detect_family
+from ..quant.formats import FORMATS, get_format
+from ..quant.selection import build_plan, linears_from_shapes
+from .ops import make_ops
+from .report import LayerRecord, LoadReport
+
+log = logging.getLogger(__name__)
+
+AUTO_MARKER = "# auto"
+AUTO_IGNORE_TEXT = (
+    "# auto: per-model defaults (write patterns below this line to add to them;"
+    " clear the field to quantize everything eligible)\n"
+)
+NO_QUANTIZATION = "none"
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def quantization_choices() -> list[str]:
+    """Choices of the loader's `quantization` input: the main formats first, then `none`, then variants."""
+    main = [f for f in ("fp8_e4m3fn", "mxfp4") if f in FORMATS]
+    return main + [NO_QUANTIZATION] + [f for f in FORMATS if f not in main]
+
+
+def resolve_ignore_text(text: str | None, family: str, names: list[str]) -> tuple[str | None, bool]:
+    """(text to give build_plan, whether the family defaults are used). See the module docstring."""
+    if text is None:
+        return None, True
+    stripped = text.strip()
+    if stripped.lower().startswith(AUTO_MARKER):
+        extra = "\n".join(stripped.splitlines()[1:]).strip()
+        if not extra:
+            return None, True
+        return default_ignore_text(family, names) + extra + "\n", True
+    return text, False
+
+
+def _shapes(sd: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def _free(device: torch.device | None = None) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str, str]:
+    """(backend name, reason) from quant.backends, or ("", why not) when A's module is absent."""
+    try:
+        from ..quant.backends import choose_backend
+    except ImportError:
+        return "reference", "quant.backends not available"
+    try:
+        c = choose_backend(format_name, device, compute)
+    except Exception as e:  # a backend probe must never fail the load; the matmul decides later
+        return "unknown", f"backend choice failed: {e}"
+    return f"{c.name} ({c.compute})", c.reason
+
+
+def load_quantized(
+    unet_path: str,
+    quantization: str,
+    ignore_text: str | None = None,
+    min_out_features: int = 256,
+    compute_dtype: str = "auto",
+    *,
+    family: str | None = None,
+    compute: str = "auto",
+    quantize_device: torch.device | str | None = None,
+    record_sqnr: bool | None = None,
+):
+    """Load `unet_path` as a ComfyUI MODEL, quantizing its Linear layers. -> (ModelPatcher, LoadReport)
+
+    quantization: a key of quant.formats.FORMATS (or alias), or "none" for a plain load.
+    compute_dtype: "auto" (ComfyUI's choice for the device), "bf16", "fp16" or "fp32".
+    family: override detection ("zimage", "wan21", "wan22_5b", "generic", ...).
+    compute: activation mode for the quantized matmul ("auto" lets quant.backends decide).
+    """
+    t0 = time.perf_counter()
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype {compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    plain = quantization == NO_QUANTIZATION
+    if not plain:
+        quantization = get_format(quantization).name  # unknown -> ValueError listing the formats
+
+    name = os.path.basename(unet_path)
+    try:
+        sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
+    except Exception as e:
+        raise CheckpointError(f"{unet_path}: cannot read the model file ({type(e).__name__}: {e})") from e
+    shapes = _shapes(sd)
+    layers = linears_from_shapes(shapes)
+    detected = detect_family(list(shapes), shapes)
+    fam = family or detected
+    report = LoadReport(model_file=name, format=quantization, family=fam, compute_dtype=compute_dtype)
+    if family and family != detected:
+        report.notes.append(f"family set to {family!r} (detected {detected!r})")
+    if fam == "generic":
+        report.notes.append(
+            "no tuned defaults for this model: generic rules (size threshold, format limits) apply"
+        )
+
+    model_options: dict = {}
+    if dtype is not None:
+        model_options["dtype"] = dtype
+    ops = None
+    if not plain:
+        names = [li.name for li in layers]
+        text, _ = resolve_ignore_text(ignore_text, fam, names)
+        plan = build_plan(layers, quantization, text, fam, min_out_features)
+        report.warnings.extend(plan.warnings)
+        report.plan_summary = plan.summary()
+        ops = make_ops(
+            plan,
+            quantization,
+            dtype,
+            compute=compute,
+            quantize_device=quantize_device,
+            record_sqnr=record_sqnr,
+        )
+        model_options["custom_operations"] = ops
+        report.quantize_device = str(ops.load_state.quantize_device)
+
+    patcher = None
+    try:
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
+        if patcher is None:
+            raise CheckpointError(f"{unet_path}: ComfyUI does not recognise this file as a diffusion model")
+    except BaseException:
+        patcher = None
+        sd = None
+        ops = None
+        _free()
+        raise
+    finally:
+        sd = None
+
+    if ops is not None:
+        state = ops.load_state
+        report.layers = list(state.records)
+        report.quantize_seconds = state.quantize_seconds
+        planned = {d.name for d in state.plan.decisions}
+        not_linear = sorted(planned - state.seen)
+        q_missing = [n for n in not_linear if state.plan.decision(n).quantize]
+        if q_missing:
+            report.warnings.append(
+                f"{len(q_missing)} planned layer(s) were not loaded as Linear layers of the model and stay "
+                f"as ComfyUI made them (e.g. {', '.join(q_missing[:3])})"
+            )
+        unplanned = [r.name for r in report.layers if r.source == "unplanned"]
+        if unplanned:
+            report.warnings.append(
+                f"{len(unplanned)} Linear layer(s) have names the file does not use (converted checkpoint?) "
+                f"and were kept unquantized (e.g. {', '.join(unplanned[:3])})"
+            )
+        load_device = patcher.load_device
+        report.backend, report.backend_reason = _backend(quantization, load_device, compute)
+        log.info(
+            "OnlineQuant %s: %s on %s -> backend %s (%s)",
+            name,
+            quantization,
+            load_device,
+            report.backend,
+            report.backend_reason,
+        )
+    else:
+        # plain load: list the Linear layers as ComfyUI loaded them, for a comparable report
+        for mname, m in patcher.model.diffusion_model.named_modules():
+            if isinstance(m, torch.nn.Linear) and getattr(m, "weight", None) is not None:
+                nb = m.weight.nbytes
+                report.layers.append(
+                    LayerRecord(
+                        mname, m.out_features, m.in_features, False, "quantization none", "none", nb, nb
+                    )
+                )
+    report.load_seconds = time.perf_counter() - t0
+    return patcher, report

@@ -1,0 +1,158 @@
+"""Tiny Z-Image and Wan models built from ComfyUI's own classes, with random weights, saved as
+safetensors with the real key names (no model weights can be downloaded). Shared by tests.
+
+Z-Image: ComfyUI detects Z-Image (heads, RoPE axes, z_image modulation) only when dim is 3840.
+A tiny one is a Lumina2 `NextDiT` with Z-Image's options at a small width; `zimage_detection`
+is a context manager that teaches ComfyUI's detector those options for the tiny width, so the
+tiny file loads through the real `load_diffusion_model_state_dict` path.
+Wan: detected at any dim that is a multiple of 128 (heads = dim/128), text_embedding.0 in 4096.
+
+Call these only after the `comfyui_path` fixture made `comfy` importable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+WAN_DIM = 256  # 2 heads of 128
+WAN_FFN = 512
+WAN_LAYERS = 2
+ZIMAGE_DIM = 256  # 2 heads of 128; RoPE axes 32+48+48 = 128 as in Z-Image
+ZIMAGE_CAP = 256
+ZIMAGE_LAYERS = 2
+
+
+def _init_random_(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's ops skip weight init: give every parameter realistic random values."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        with torch.no_grad():
+            if p.dim() >= 2:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:  # norm scales, pad tokens, modulation tables
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+
+
+def wan_model(seed: int = 0, out_dim: int = 16) -> torch.nn.Module:
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    m = WanModel(
+        model_type="t2v",
+        patch_size=(1, 2, 2),
+        text_len=512,
+        in_dim=16,
+        dim=WAN_DIM,
+        ffn_dim=WAN_FFN,
+        freq_dim=256,
+        text_dim=4096,
+        out_dim=out_dim,
+        num_heads=WAN_DIM // 128,
+        num_layers=WAN_LAYERS,
+        operations=comfy.ops.disable_weight_init,
+        dtype=torch.float32,
+    )
+    _init_random_(m, seed)
+    return m.eval()
+
+
+ZIMAGE_CONFIG = dict(
+    patch_size=2,
+    in_channels=16,
+    dim=ZIMAGE_DIM,
+    n_layers=ZIMAGE_LAYERS,
+    n_refiner_layers=2,
+    n_heads=ZIMAGE_DIM // 128,
+    n_kv_heads=ZIMAGE_DIM // 128,
+    multiple_of=256,
+    ffn_dim_multiplier=8.0 / 3.0,
+    qk_norm=True,
+    cap_feat_dim=ZIMAGE_CAP,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+    rope_theta=256.0,
+    z_image_modulation=True,
+    time_scale=1000.0,
+    pad_tokens_multiple=32,
+)
+
+
+def zimage_model(seed: int = 0) -> torch.nn.Module:
+    import comfy.ops
+    from comfy.ldm.lumina.model import NextDiT
+
+    m = NextDiT(**ZIMAGE_CONFIG, operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    _init_random_(m, seed)
+    return m.eval()
+
+
+def save_model(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a module's state dict as a diffusion_models file (bare key names, as Comfy-Org ships)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    save_file(sd, str(path))
+    return Path(path)
+
+
+@contextlib.contextmanager
+def zimage_detection():
+    """Let ComfyUI's detector configure a tiny-width Z-Image like the real one (dim 3840)."""
+    import comfy.model_detection as md
+
+    orig = md.detect_unet_config
+
+    def detect(state_dict, key_prefix, metadata=None):
+        cfg = orig(state_dict, key_prefix, metadata=metadata)
+        if cfg and cfg.get("image_model") == "lumina2" and cfg.get("dim") == ZIMAGE_DIM:
+            cfg.update({k: v for k, v in ZIMAGE_CONFIG.items() if k not in ("in_channels", "patch_size")})
+            cfg["n_layers"] = ZIMAGE_LAYERS
+        return cfg
+
+    md.detect_unet_config = detect
+    try:
+        yield
+    finally:
+        md.detect_unet_config = orig
+
+
+def wan_inputs(seed: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(1, 16, 1, 8, 8, generator=g).to(dtype),
+        "timestep": torch.tensor([500.0]),
+        "context": (torch.randn(1, 12, 4096, generator=g) * 0.5).to(dtype),
+    }
+
+
+def zimage_inputs(seed: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(1, 16, 8, 8, generator=g).to(dtype),
+        "timesteps": torch.tensor([0.5]),
+        "context": (torch.randn(1, 32, ZIMAGE_CAP, generator=g) * 0.5).to(dtype),
+        "num_tokens": 32,
+    }
+
+
+def run_diffusion_model(patcher, inputs: dict) -> torch.Tensor:
+    """Load the patcher the way sampling does (patches applied) and run its diffusion model once,
+    passing the model's transformer_options (so attention overrides take effect)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    topts = patcher.model_options.get("transformer_options", {})
+    with torch.no_grad():
+        return patcher.model.diffusion_model(**inputs, transformer_options=dict(topts)).float()
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.float(), out.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
