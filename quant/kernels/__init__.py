@@ -1,0 +1,35 @@
+"""GPU kernels (Triton) for the quantized Linear, each next to a plain-PyTorch `*_reference`
+with the same signature.
+
+Triton is imported lazily, only when a kernel runs, so `quant` imports on machines without it.
+The Triton sources live in `_tl_*.py` modules; the public modules here hold the wrappers, the
+references and nothing that needs Triton at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the `triton` package can be imported (it may still lack a GPU: see `can_run`)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU interpreter that CI runs the kernels with)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_run_triton(device) -> bool:
+    """Whether a Triton kernel can run on tensors of `device`: a CUDA/ROCm GPU with Triton, or the
+    CPU under the interpreter."""
+    if not triton_available():
+        return False
+    dev_type = getattr(device, "type", str(device))
+    if dev_type == "cuda":
+        return True
+    return dev_type == "cpu" and interpreting()

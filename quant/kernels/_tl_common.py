@@ -1,0 +1,49 @@
+"""Triton helpers shared by the kernels (imported only when a kernel runs)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_e4m3(v, FNUZ: tl.constexpr):
+    """Round fp32 values in [-fmax, fmax] to the nearest e4m3fn (or, FNUZ, e4m3fnuz) value,
+    ties to even, in fp32.
+
+    Used only under the CPU interpreter: Triton 3.8's interpreter casts fp32 -> fp8 without the
+    mantissa carry (1.94 became 1.0), while the GPU's cvt instruction rounds correctly. A value
+    rounded here casts exactly, so the interpreter then matches the hardware bit for bit.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    if FNUZ:
+        # e4m3fnuz (bias 8): subnormals are multiples of 2**-10, normals start at 2**-7.
+        sub = (v + 12288.0) - 12288.0
+        return tl.where(tl.abs(v) < 0.0078125, sub, normal)
+    else:
+        # e4m3fn: subnormals are multiples of 2**-9 (adding 1.5 * 2**14 puts the ulp there, RNE).
+        sub = (v + 24576.0) - 24576.0
+        return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+
+@triton.jit
+def decode_e2m1(codes):
+    """4-bit E2M1 codes (low nibble of int32) -> fp32 values ±{0, .5, 1, 1.5, 2, 3, 4, 6}.
+
+    Built as bits, no table: magnitude m = (e, mant); for e > 0 the value is
+    2**(e-1) * (1 + mant/2), which is fp32 exponent e + 126 and mantissa bit 22 = mant;
+    m == 1 is the subnormal 0.5 and m == 0 is zero. OCP MX v1.0 section 5.3.3.
+    """
+    mag = codes & 7
+    bits = (mag << 22) + (126 << 23)
+    bits = tl.where(mag == 1, 126 << 23, bits)
+    bits = tl.where(mag == 0, 0, bits)
+    bits = bits | ((codes & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e8m0_to_f32(s):
+    """E8M0 scale bytes (int32) -> fp32 powers of two 2**(s-127); 0 is 2**-127 (fp32 subnormal)."""
+    bits = tl.where(s == 0, 0x00400000, s << 23)
+    return bits.to(tl.float32, bitcast=True)

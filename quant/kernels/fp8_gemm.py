@@ -1,0 +1,119 @@
+"""FP8 W8A8 linear paths for GPUs with FP8 tensor cores (sm_89+, gfx942/gfx950).
+
+- `fp8_linear_rowwise`: single-pass per-token activation quantization (Triton) feeding
+  `torch._scaled_mm` with row-wise scales; bias and output dtype go through `_scaled_mm` itself.
+- `fp8_linear_act_fused`: one Triton GEMM that quantizes each 1x128 activation group as it loads
+  the tile (no separate pass, no FP8 copy of x in memory).
+
+Weights: q [N, K] fp8 with scale fp32 [N, 1] (per channel) or [] (per tensor), as quant/fp8.py
+stores them. Each path has a `*_reference` with the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import can_run_triton, interpreting
+from .fp8_quant import EPS, fp8_max, quantize_fp8_per_token, quantize_fp8_per_token_reference
+
+ACT_GROUP = 128  # activation scale granularity of the fused kernel (1 x 128, DeepGEMM's choice)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
+    """Weight scale as the [1, N] fp32 row that `_scaled_mm` takes for row-wise scaling."""
+    return w_scale.float().reshape(-1, 1).expand(n, 1).reshape(1, n).contiguous()
+
+
+# ---------------------------------------------------------------- row-wise: quant kernel + _scaled_mm
+def fp8_linear_rowwise_reference(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    out_dtype = out_dtype or x.dtype
+    q, s = quantize_fp8_per_token_reference(_flat(x), w_q.dtype)
+    y = (q.float() @ w_q.float().t()) * s * _w_scale_row(w_scale, w_q.shape[0])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def fp8_linear_rowwise(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N]. Needs `torch._scaled_mm` with row-wise scales (CUDA sm_89+, ROCm
+    gfx942/950); `_scaled_mm` also needs K and N multiples of 16."""
+    out_dtype = out_dtype or x.dtype
+    n, k = w_q.shape
+    q, s = quantize_fp8_per_token(_flat(x), w_q.dtype)
+    # Row-wise _scaled_mm writes bf16 only; other dtypes cost one cast of the output.
+    mm_dtype = torch.bfloat16
+    b = None if bias is None else bias.to(mm_dtype)
+    y = torch._scaled_mm(q, w_q.t(), scale_a=s, scale_b=_w_scale_row(w_scale, n), bias=b,
+                         out_dtype=mm_dtype)
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------- fused: quantize A tiles in the GEMM
+def fp8_linear_act_fused_reference(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    out_dtype = out_dtype or x.dtype
+    x2 = _flat(x).float()
+    m, k = x2.shape
+    n = w_q.shape[0]
+    pad = (-k) % ACT_GROUP
+    xp = torch.nn.functional.pad(x2, (0, pad)).view(m, -1, ACT_GROUP)
+    q, s = quantize_fp8_per_token_reference(xp, w_q.dtype)  # per group of 128 = per "token" of xp
+    wp = torch.nn.functional.pad(w_q.float(), (0, pad)).view(n, -1, ACT_GROUP)
+    # sum over groups of (q_g . w_g) * s_g, the kernel's order of operations
+    parts = torch.einsum("mgk,ngk->gmn", q.float(), wp)
+    y = (parts * s.permute(1, 0, 2)).sum(0) * _w_scale_row(w_scale, n)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], n)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100 (see .dev/notes/D.md); BLOCK_K = 128.
+FUSED_CONFIG = (128, 128, 8, 3)
+
+
+def fp8_linear_act_fused(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    out_dtype = out_dtype or x.dtype
+    if not can_run_triton(x.device):
+        return fp8_linear_act_fused_reference(x, w_q, w_scale, bias, out_dtype)
+    from ._tl_fp8_gemm import fp8_gemm_act_quant_kernel
+
+    x2 = _flat(x)
+    m, k = x2.shape
+    n = w_q.shape[0]
+    w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    ws = w_scale.float().reshape(-1).contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    bm, bn, warps, stages = config or FUSED_CONFIG
+    if interpreting():
+        bm, bn = min(bm, 32), min(bn, 32)
+    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    fp8_gemm_act_quant_kernel[grid](
+        x2, w, ws, bias if bias is not None else ws, out, m, n, k,
+        x2.stride(0), w.stride(0), out.stride(0),
+        FP8_MAX=fp8_max(w_q.dtype), EPS=EPS, FNUZ=w_q.dtype == torch.float8_e4m3fnuz,
+        EMULATE_CVT=interpreting(), W_PER_CHANNEL=ws.numel() > 1, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=ACT_GROUP, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

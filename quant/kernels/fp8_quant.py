@@ -1,0 +1,68 @@
+"""Per-token FP8 activation quantization: the single-pass Triton kernel and its reference.
+
+x [..., K] (bf16/fp16/fp32) -> q [..., K] fp8, scale fp32 [..., 1] with x ~= q * scale.
+scale = max(amax_row, EPS) / fp8_max; q = saturate(x * (fp8_max / amax_row)). The kernel
+and the reference compute exactly these fp32 operations, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import can_run_triton, interpreting
+
+EPS = 1e-12  # amax floor: an all-zero row gets scale EPS/fp8_max and q = 0, never NaN (DESIGN §8)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def quantize_fp8_per_token_reference(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fmax = fp8_max(dtype)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    # A tensor numerator: `float / tensor` in PyTorch is reciprocal-then-multiply (two roundings),
+    # the kernel divides once.
+    inv = torch.full_like(amax, fmax) / amax
+    q = (xf * inv).clamp(-fmax, fmax).to(dtype)
+    return q, amax / fmax
+
+
+def _launch_config(k: int) -> tuple[int, int, int]:
+    """(rows per program, BLOCK_K, num_warps): whole rows in registers, ~16-32 fp32 per thread."""
+    block_k = max(16, 1 << (k - 1).bit_length())
+    num_warps = min(16, max(1, block_k // 512))
+    rows = max(1, min(8, 2048 // block_k))
+    return rows, block_k, num_warps
+
+
+def quantize_fp8_per_token(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel where it can run (GPU, or CPU under TRITON_INTERPRET=1), else the reference."""
+    k = x.shape[-1]
+    if not can_run_triton(x.device) or x.numel() == 0 or k > 65536:
+        return quantize_fp8_per_token_reference(x, dtype)
+    from ._tl_fp8_quant import fp8_per_token_quant_kernel
+
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=dtype, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    rows, block_k, num_warps = _launch_config(k)
+    grid = (triton_cdiv(m, rows),)
+    fp8_per_token_quant_kernel[grid](
+        x2, q, s, m, k, x2.stride(0), q.stride(0),
+        FP8_MAX=fp8_max(dtype), EPS=EPS, FNUZ=dtype == torch.float8_e4m3fnuz,
+        EMULATE_CVT=interpreting(), ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,171 @@
+"""MXFP4-weight linear paths for GPUs without FP4 tensor cores (Triton), with references.
+
+Weights as quant/mxfp4.py stores them (OCP MX v1.0): codes uint8 [N, K/2] (two E2M1 codes per
+byte, even element in the low nibble), scales uint8 E8M0 [N, K/32]. K must be a multiple of 32.
+
+- `mxfp4_linear_w4a16`: decode in registers (hand-written), bf16 tensor cores.
+- `mxfp4_linear_w4a16_dot_scaled`: the same through Triton's `tl.dot_scaled`.
+- `mxfp4_linear_w4a8`: decode to e4m3 tiles, FP8 tensor cores, per-token FP8 activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import can_run_triton, interpreting
+from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def decode_mxfp4_reference(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes [N, K/2] + E8M0 scales [N, K/32] -> fp32 [N, K] (0xFF scales -> NaN, per the spec)."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    c = codes.to(torch.int64)
+    vals = torch.stack((table[c & 15], table[c >> 4]), dim=-1).reshape(*codes.shape[:-1], -1)
+    s = scales.to(torch.int32)
+    sf = torch.where(s == 0, torch.full_like(s, 0x00400000), s << 23).view(torch.float32)
+    sf = torch.where(s == 255, torch.full_like(sf, float("nan")), sf)
+    return (vals.view(*vals.shape[:-1], -1, 32) * sf[..., None]).reshape(vals.shape)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); tuned on H100 (.dev/notes/D.md)
+W4A16_CONFIG = (128, 128, 64, 8, 3)
+DOT_SCALED_CONFIG = (128, 128, 128, 8, 3)
+W4A8_CONFIG = (128, 128, 128, 8, 3)
+
+
+def _launch(kernel, x2, codes, scales, bias, out, config, **extra):
+    m, k = x2.shape
+    n = codes.shape[0]
+    bm, bn, bk, warps, stages = config
+    if interpreting():
+        bm, bn, bk = min(bm, 32), min(bn, 32), min(bk, 64)
+    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    return grid, dict(
+        M=m, N=n, K=k, stride_am=x2.stride(0), stride_wn=codes.stride(0), stride_sn=scales.stride(0),
+        stride_cm=out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=8, num_warps=warps, num_stages=stages, **extra,
+    )
+
+
+def _check(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    k = x.shape[-1]
+    if k % 32 or codes.shape[-1] * 2 != k or scales.shape[-1] * 32 != k:
+        raise ValueError(
+            f"MXFP4 linear: input has K={k}, codes {tuple(codes.shape)}, scales {tuple(scales.shape)}; "
+            "need codes [N, K/2] and scales [N, K/32] with K a multiple of 32"
+        )
+
+
+# ---------------------------------------------------------------- W4A16
+def mxfp4_linear_w4a16_reference(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    _check(x, codes, scales)
+    w = decode_mxfp4_reference(codes, scales)
+    a = _flat(x)
+    # the kernel feeds the tensor cores x's own 16-bit values and the decoded weights in x's dtype
+    wd = w.to(a.dtype).float() if a.dtype in (torch.bfloat16, torch.float16) else w
+    return _finish(a.float() @ wd.t(), x, bias, out_dtype or x.dtype)
+
+
+def mxfp4_linear_w4a16(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, config: tuple | None = None,
+) -> torch.Tensor:
+    _check(x, codes, scales)
+    out_dtype = out_dtype or x.dtype
+    if not can_run_triton(x.device):
+        return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
+    from ._tl_mxfp4_gemm import mxfp4_w4a16_kernel
+
+    x2 = _flat(x)
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        x2 = x2.to(torch.bfloat16)
+    out = torch.empty((x2.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
+    grid, kw = _launch(None, x2, codes, scales, bias, out, config or W4A16_CONFIG,
+                       INTERPRET=interpreting())
+    mxfp4_w4a16_kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
+    return out.reshape(*x.shape[:-1], codes.shape[0])
+
+
+def mxfp4_linear_w4a16_dot_scaled_reference(x, codes, scales, bias=None, out_dtype=None):
+    return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
+
+
+def mxfp4_linear_w4a16_dot_scaled(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, config: tuple | None = None,
+) -> torch.Tensor:
+    _check(x, codes, scales)
+    out_dtype = out_dtype or x.dtype
+    if not can_run_triton(x.device):
+        return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
+    from ._tl_mxfp4_gemm import mxfp4_w4a16_dot_scaled_kernel
+
+    x2 = _flat(x)
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        x2 = x2.to(torch.bfloat16)
+    out = torch.empty((x2.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
+    fmt = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
+    grid, kw = _launch(None, x2, codes, scales, bias, out, config or DOT_SCALED_CONFIG, A_FORMAT=fmt)
+    mxfp4_w4a16_dot_scaled_kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
+    return out.reshape(*x.shape[:-1], codes.shape[0])
+
+
+# ---------------------------------------------------------------- W4A8 (FP8 tensor cores)
+def row_scale_max(scales: torch.Tensor) -> torch.Tensor:
+    """Per output row, the largest E8M0 scale byte (uint8 [N]): the row's FP8 base exponent."""
+    return scales.amax(dim=-1)
+
+
+def mxfp4_linear_w4a8_reference(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    _check(x, codes, scales)
+    smax = row_scale_max(scales).to(torch.int32)
+    rel = (scales.to(torch.int32) - smax[:, None] + 127).clamp_min(0).to(torch.uint8)
+    w8 = decode_mxfp4_reference(codes, rel).to(torch.float8_e4m3fn).float()
+    base = (smax << 23).view(torch.float32)  # s_max >= 1 for any weight with a nonzero block
+    q, s = quantize_fp8_per_token_reference(_flat(x), torch.float8_e4m3fn)
+    y = (q.float() @ w8.t()) * s * base[None, :]
+    return _finish(y, x, bias, out_dtype or x.dtype)
+
+
+def mxfp4_linear_w4a8(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, config: tuple | None = None,
+    row_smax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`row_smax` (= row_scale_max(scales)) may be passed in when cached with the weight."""
+    _check(x, codes, scales)
+    out_dtype = out_dtype or x.dtype
+    if not can_run_triton(x.device):
+        return mxfp4_linear_w4a8_reference(x, codes, scales, bias, out_dtype)
+    from ._tl_mxfp4_gemm import mxfp4_w4a8_kernel
+
+    q, s = quantize_fp8_per_token(_flat(x), torch.float8_e4m3fn)
+    smax = row_smax if row_smax is not None else row_scale_max(scales)
+    out = torch.empty((q.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
+    grid, kw = _launch(None, q, codes, scales, bias, out, config or W4A8_CONFIG,
+                       EMULATE_CVT=interpreting())
+    mxfp4_w4a8_kernel[grid](q, s, codes, scales, smax, bias if bias is not None else out, out, **kw)
+    return out.reshape(*x.shape[:-1], codes.shape[0])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
