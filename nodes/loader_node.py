@@ -1,0 +1,77 @@
+"""The "Load Diffusion Model (Online Quant)" node: a thin V3 wrapper around `load_quantized`."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from . import names
+from .loader import AUTO_IGNORE_TEXT, COMPUTE_DTYPES, load_quantized, quantization_choices
+
+
+class OnlineQuantDiffusionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=names.LOADER,
+            display_name=names.DISPLAY_NAMES[names.LOADER],
+            category=names.CATEGORY,
+            description=(
+                "Loads a bf16/fp16 diffusion model (Z-Image, Wan 2.1/2.2, or any model ComfyUI can load) "
+                "and quantizes its Linear layers to FP8 or MXFP4 while loading. "
+                "Drop-in for 'Load Diffusion Model'."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "unet_name",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="A model file from models/diffusion_models (bf16 or fp16 safetensors).",
+                ),
+                io.Combo.Input(
+                    "quantization",
+                    options=quantization_choices(),
+                    default=quantization_choices()[0],
+                    tooltip=(
+                        "fp8_e4m3fn: 8-bit, per-channel scales, FP8 tensor cores on NVIDIA sm_89+ / MI350. "
+                        "mxfp4: 4.25 bits (OCP MX), smallest; native on MI350, weight-only elsewhere. "
+                        "fp8_e4m3fnuz: for MI300 (gfx942). none: load unquantized."
+                    ),
+                ),
+                io.String.Input(
+                    "ignored_layers",
+                    multiline=True,
+                    default=AUTO_IGNORE_TEXT,
+                    tooltip=(
+                        "Layers kept in high precision, one pattern per line ('#' comments). "
+                        "'# auto' on the first line = the detected model's defaults (plus any patterns "
+                        "below it); an empty field = quantize every eligible layer. 'attention' matches "
+                        "whole name segments, "
+                        "'layers.*.ffn' globs one segment, 're:' starts a regex."
+                    ),
+                ),
+                io.Int.Input(
+                    "min_out_features",
+                    default=256,
+                    min=0,
+                    max=1 << 20,
+                    tooltip="Linear layers with fewer output features than this stay in high precision.",
+                ),
+                io.Combo.Input(
+                    "compute_dtype",
+                    options=[k for k in COMPUTE_DTYPES if k != "fp32"],
+                    default="auto",
+                    tooltip="dtype of activations and kept layers; auto = ComfyUI's choice for the device.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The quantized model, usable as any MODEL (LoRA, lowvram, compile)."),
+                io.String.Output(display_name="report", tooltip="Layers quantized/kept, bytes, time, backend."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        model, report = load_quantized(path, quantization, ignored_layers, min_out_features, compute_dtype)
+        text = report.to_text()
+        return io.NodeOutput(model, text, ui=ui.PreviewText(text))
