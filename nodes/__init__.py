@@ -30,21 +30,27 @@ def node_list() -> list[type[io.ComfyNode]]:
     return nodes
 
 
+def _register_routes() -> None:
+    """The web preview route (engineer F) registers on ComfyUI's server when it exists (idempotent)."""
+    try:
+        from . import routes
+    except ImportError:
+        return
+    setup = getattr(routes, "setup", None)
+    if setup is not None:
+        try:
+            setup()
+        except Exception as e:  # the nodes must still load when the server is absent (tests, scripts)
+            log.warning("OnlineQuant: web routes not registered: %s", e)
+
+
 class OnlineQuantExtension(ComfyExtension):
     async def on_load(self) -> None:
-        # The web preview route (engineer F) registers on ComfyUI's server when it exists.
-        try:
-            from . import routes
-        except ImportError:
-            return
-        setup = getattr(routes, "setup", None)
-        if setup is not None:
-            try:
-                setup()
-            except Exception as e:  # the nodes must still load when the server is absent (tests, scripts)
-                log.warning("OnlineQuant: web routes not registered: %s", e)
+        _register_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.8.0's loader calls get_node_list but never on_load: register here too.
+        _register_routes()
         return node_list()
 
 

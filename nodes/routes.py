@@ -1,0 +1,259 @@
+"""Server route for the web preview: `GET /onlinequant/plan` (also `/api/onlinequant/plan`), and
+the same as `POST` with a JSON object (ignore texts can be longer than a URL may be).
+
+It answers "what would the loader do with this file?" from the safetensors header alone: the
+same `build_plan` the loader calls (one source of truth), never the weights. The model must be
+one of ComfyUI's `diffusion_models` file names, exactly as `/object_info` lists them; nothing
+else (paths, `..`, absolute names) reaches the filesystem.
+
+Query: model=<diffusion_models name>, format=<the loader's `quantization` choice>,
+ignore=<ignored-layers text, read as the loader reads it (nodes/loader.py resolve_ignore_text)>,
+min_out=<int, default 256>. The body is `QuantPlan.to_dict()` plus model, family, default_ignore,
+counts.kept_by_source, header and errors.
+Every failure is a JSON body `{"error": ...}` with a 4xx status, never a 500: a preview must
+not be able to take the server down or hang its event loop (headers are parsed in a worker
+thread, at most `MAX_CONCURRENT` at a time, and cached by (path, mtime, size)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/onlinequant/plan"
+MAX_HEADER_BYTES = 8 * 1024 * 1024  # a 30 GB Wan 14B header is ~150 KB; more is not a model
+MAX_IGNORE_CHARS = 64 * 1024
+MAX_CONCURRENT = 2  # header parses running at once
+MAX_WAITING = 16  # requests queued behind them before we answer 429
+CACHE_ENTRIES = 16
+DEFAULT_MIN_OUT = 256
+MAX_MIN_OUT = 1 << 20
+
+
+class RouteError(Exception):
+    """An error answered as JSON with `status`."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the preview needs from one file's header (cached)."""
+
+    layers: tuple  # tuple[LinearInfo, ...]
+    family: str
+    dtype_bytes: int
+    tensors: int
+    file_size: int
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_cache: collections.OrderedDict[tuple, HeaderInfo] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+_limits: dict[int, tuple[asyncio.Semaphore, list[int]]] = {}  # per event loop: (semaphore, [waiting])
+
+
+def _model_path(name: str) -> str:
+    """Resolve a `diffusion_models` name ComfyUI lists; anything else is a 4xx."""
+    import folder_paths
+
+    if not name:
+        raise RouteError(400, "missing query parameter 'model' (a diffusion_models file name)")
+    # Exact membership in ComfyUI's own list is the whole check: a name that is not listed
+    # (a path, '..', an absolute name) never reaches the filesystem. Symlinked files that
+    # ComfyUI lists are the user's choice and are fine.
+    if name not in folder_paths.get_filename_list("diffusion_models"):
+        raise RouteError(404, f"model {name!r} is not a file in ComfyUI's diffusion_models folders")
+    path = folder_paths.get_full_path("diffusion_models", name)
+    if path is None or not os.path.isfile(path):
+        raise RouteError(404, f"model {name!r} is listed but its file is gone")
+    if not path.endswith((".safetensors", ".sft")):
+        raise RouteError(415, f"model {name!r} is not a .safetensors file; the preview reads only those")
+    return path
+
+
+def _read_header_info(path: str, name: str) -> HeaderInfo:
+    """Parse the header (worker thread), capped at MAX_HEADER_BYTES; cached by (path, mtime, size)."""
+    from ..quant.errors import CheckpointError, HeaderTooLargeError
+    from ..quant.families import detect_family
+    from ..quant.safetensors_header import read_header
+    from ..quant.selection import linears_from_shapes
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    try:
+        header = read_header(path, max_header_bytes=MAX_HEADER_BYTES)
+    except HeaderTooLargeError as e:
+        raise RouteError(413, f"{name}: {e}") from None
+    except CheckpointError as e:
+        raise RouteError(422, f"{name}: {e}") from None
+    shapes = header.shapes()
+    layers = tuple(linears_from_shapes(shapes))
+    family = detect_family(list(shapes), shapes)
+    weight_dtypes = collections.Counter(
+        e.dtype for k, e in header.tensors.items() if k.endswith(".weight") and len(e.shape) == 2
+    )
+    dtype = weight_dtypes.most_common(1)[0][0] if weight_dtypes else "BF16"
+    info = HeaderInfo(layers, family, _DTYPE_BYTES.get(dtype, 2), len(header.tensors), header.file_size)
+    with _cache_lock:
+        _cache[key] = info
+        while len(_cache) > CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    return info
+
+
+def _plan_json(info: HeaderInfo, name: str, fmt: str, ignore: str | None, min_out: int) -> dict:
+    """The plan as the loader would build it (same ignore-text rules, same build_plan)."""
+    from ..quant.errors import PatternError
+    from ..quant.families import default_ignore_text
+    from ..quant.selection import build_plan
+    from .loader import NO_QUANTIZATION, resolve_ignore_text
+
+    names = [li.name for li in info.layers]
+    extra = {
+        "model": name,
+        "family": info.family,
+        "default_ignore": default_ignore_text(info.family, names),
+        "header": {
+            "tensors": info.tensors,
+            "file_size": info.file_size,
+            "weight_dtype_bytes": info.dtype_bytes,
+        },
+        "errors": [],
+    }
+    if fmt == NO_QUANTIZATION:  # a plain load: every layer stays as it is
+        nbytes = sum(li.out_features * li.in_features for li in info.layers) * info.dtype_bytes
+        n = len(info.layers)
+        return {
+            **extra,
+            "format": fmt,
+            "counts": {"layers": n, "quantized": 0, "kept": n, "kept_by_source": {"none": n} if n else {}},
+            "bytes_before": nbytes,
+            "bytes_after": nbytes,
+            "warnings": [],
+            "decisions": [
+                {"name": li.name, "out_features": li.out_features, "in_features": li.in_features,
+                 "quantize": False, "reason": "quantization none", "source": "none", "pattern": None}
+                for li in info.layers
+            ],
+        }
+    try:
+        text, uses_defaults = resolve_ignore_text(ignore, info.family, names)
+        plan = build_plan(list(info.layers), fmt, text, info.family, min_out)
+    except PatternError as e:
+        raise RouteError(400, str(e), kind="pattern", format=fmt, **extra) from None
+    except (ValueError, KeyError) as e:  # unknown format and other bad parameters
+        raise RouteError(400, str(e).strip("'\""), kind="bad_request", format=fmt, **extra) from None
+    body = plan.to_dict(info.dtype_bytes)
+    body.update(extra)
+    body["uses_defaults"] = uses_defaults
+    by_source = collections.Counter(d.source for d in plan.kept())
+    body["counts"]["kept_by_source"] = dict(sorted(by_source.items()))
+    return body
+
+
+def _parse_query(q) -> tuple[str, str, str | None, int]:
+    name = q.get("model", "")
+    fmt = q.get("format", "fp8_e4m3fn")
+    ignore = q.get("ignore")  # absent -> family defaults; "" -> ignore nothing
+    if ignore is not None and len(ignore) > MAX_IGNORE_CHARS:
+        raise RouteError(413, f"ignore text is {len(ignore)} characters; at most {MAX_IGNORE_CHARS}")
+    raw_min = q.get("min_out", str(DEFAULT_MIN_OUT))
+    try:
+        min_out = int(raw_min)
+    except ValueError:
+        raise RouteError(400, f"min_out must be an integer, got {raw_min[:40]!r}") from None
+    if not 0 <= min_out <= MAX_MIN_OUT:
+        raise RouteError(400, f"min_out must be between 0 and {MAX_MIN_OUT}, got {min_out}")
+    return name, fmt, ignore, min_out
+
+
+def _compute(path: str, name: str, fmt: str, ignore: str | None, min_out: int) -> dict:
+    info = _read_header_info(path, name)
+    return _plan_json(info, name, fmt, ignore, min_out)
+
+
+async def _params(request: web.Request) -> dict:
+    """Query of a GET, or the JSON object of a POST (for ignore texts longer than a URL allows)."""
+    if request.method != "POST":
+        return request.query
+    if request.content_length is not None and request.content_length > MAX_IGNORE_CHARS * 4 + 4096:
+        raise RouteError(413, f"request body is {request.content_length} bytes; too large for a plan preview")
+    try:
+        data = await request.json()
+    except ValueError:
+        raise RouteError(400, "POST body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise RouteError(400, "POST body must be a JSON object")
+    out = {}
+    for k in ("model", "format", "ignore", "min_out"):
+        v = data.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise RouteError(400, f"{k} must be a string or a number")
+        out[k] = str(v)
+    return out
+
+
+async def plan_handler(request: web.Request) -> web.Response:
+    """`GET|POST /onlinequant/plan`: the plan preview as JSON, or `{"error": ...}` with a 4xx."""
+    try:
+        name, fmt, ignore, min_out = _parse_query(await _params(request))
+        path = _model_path(name)
+        loop = asyncio.get_running_loop()
+        sem, waiting = _limits.setdefault(id(loop), (asyncio.Semaphore(MAX_CONCURRENT), [0]))
+        if waiting[0] >= MAX_WAITING:
+            raise RouteError(429, "too many plan previews in flight; retry in a moment")
+        waiting[0] += 1
+        try:
+            async with sem:
+                body = await asyncio.to_thread(_compute, path, name, fmt, ignore, min_out)
+        finally:
+            waiting[0] -= 1
+        return web.json_response(body)
+    except RouteError as e:
+        return web.json_response({**e.extra, "error": str(e), "errors": [str(e)]}, status=e.status)
+    except Exception as e:  # a preview must never answer 500: log it, say what failed
+        log.exception("onlinequant plan preview failed for %r", request.query.get("model"))
+        msg = f"could not preview this model: {type(e).__name__}: {e}"
+        return web.json_response({"error": msg, "errors": [msg], "kind": "internal"}, status=422)
+
+
+def register_routes(routes: web.RouteTableDef) -> bool:
+    """Add the route to `routes` once (re-imports of the pack must not register it twice)."""
+    for r in routes:
+        if getattr(r, "path", None) == ROUTE:
+            return False
+    routes.get(ROUTE)(plan_handler)
+    routes.post(ROUTE)(plan_handler)
+    return True
+
+
+def setup() -> bool:
+    """Register on ComfyUI's PromptServer when one exists (not in plain-Python tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+    return register_routes(instance.routes)
