@@ -19,6 +19,7 @@ echo server paths.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -279,6 +280,16 @@ def _u64(v: object) -> bool:
     return type(v) is int  # bool is an int subclass: excluded on purpose; _BadNumber is not int
 
 
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, _BadNumber)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
+
 def _describe_bad(v: object) -> str:
     if isinstance(v, _BadNumber):
         return f"{v.text} ({v.why})"
@@ -287,12 +298,12 @@ def _describe_bad(v: object) -> str:
     text = json.dumps(v, default=repr, ensure_ascii=True)
     if len(text) > 80:
         text = text[:77] + "..."
-    return f"{text} ({type(v).__name__})"
+    return f"{text} ({_json_type(v)})"
 
 
 def _parse_entries(path: str, obj: object) -> tuple[list[TensorEntry], dict[str, str]]:
     if not isinstance(obj, dict):
-        raise _fail(path, f"header is a JSON {type(obj).__name__}, not an object mapping tensor names")
+        raise _fail(path, f"header is a JSON {_json_type(obj)}, not an object mapping tensor names")
     metadata: dict[str, str] = {}
     entries: list[TensorEntry] = []
     for name, info in obj.items():
@@ -519,6 +530,13 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
     fd, st = _open_regular(p)
     with os.fdopen(fd, "rb", buffering=0) as f:
         return _read_header_from(f, p, st.st_size, max_header_bytes)
+
+
+def read_header_bytes(
+    data: bytes, name: str = "<memory>", *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> SafetensorsHeader:
+    """`read_header` for a whole file already in memory (fuzzing, tests); `name` stands for the path."""
+    return _read_header_from(io.BytesIO(data), name, len(data), max_header_bytes)
 
 
 def torch_dtype(dtype: str) -> torch.dtype | None:
