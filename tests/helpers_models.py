@@ -156,3 +156,12 @@ def run_diffusion_model(patcher, inputs: dict) -> torch.Tensor:
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.float(), out.float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def import_submodules(pack, *names: str):
+    """Import the pack's submodules (e.g. "nodes.loader") so `pack.nodes.loader` works."""
+    import importlib
+
+    for n in names or ("nodes.loader", "nodes.layouts", "nodes.ops", "nodes.attention", "quant.errors"):
+        importlib.import_module(f"{pack.__name__}.{n}")
+    return pack
