@@ -1,0 +1,397 @@
+"""THE one place that picks how a quantized Linear runs, by (format, device, capability, compute
+request, what imports).
+
+A backend is a `Backend` record in a registry: which format kinds and compute modes it runs, a
+priority, a `check(device_info, fmt) -> (usable, reason)` and a `run(x, qw, bias, compute)`.
+`choose_backend` takes the highest-priority usable backend that can run the requested compute;
+the plain-PyTorch reference (priority 0) runs everything everywhere, so "auto" always resolves.
+
+Built in:
+- "reference": dequantize + matmul (w8a16 / w4a16) or exact emulation (w8a8, w4a8, w4a4); any device.
+- "scaled_mm": FP8 W8A8 through `torch._scaled_mm` with row-wise scales (per-token activation
+  scale [M, 1], per-channel weight scale [1, N], bf16 out) and eager activation quantization.
+  NVIDIA sm_89+ with e4m3fn weights; ROCm gfx942 (MI300) with e4m3fnuz weights, gfx950 and
+  gfx12xx with e4m3fn weights.
+- "scaled_mm_mxfp4": documented seam only, never usable yet: Blackwell (sm_100/sm_120) runs MXFP4
+  natively via `torch._scaled_mm` with float4_e2m1fn_x2 data and float8_e8m0fnu block scales in
+  cuBLAS's swizzled layout; no such GPU here to test it on.
+Plug-ins (engineer D's Triton kernels in quant/kernels, the AITER path in quant/amd.py) call
+`register_backend(Backend(...))` when imported; `choose_backend` imports them lazily once.
+
+To force a backend: `choose_backend(..., backend="name")` raises BackendUnavailableError (naming
+the package to install) when it cannot run. A forced compute mode is always honoured: a device
+without the hardware for it runs the reference's exact emulation, and the reason says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BackendUnavailableError
+from .formats import QuantizedWeight, WeightFormat, get_format
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What backend selection needs to know about a device."""
+
+    type: str  # torch device type: "cpu", "cuda" (also ROCm), "mps", "xpu", ...
+    index: int | None = None
+    vendor: str = ""  # "nvidia", "amd" or "" (not a GPU we know)
+    capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (9, 0)
+    arch: str = ""  # "sm_90", "gfx942", ... ("" on CPU)
+
+    def describe(self) -> str:
+        return f"{self.type}" + (f" {self.arch}" if self.arch else "")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # a registered backend name
+    compute: str  # the compute mode it will run ("w8a8", "w4a16", ...)
+    reason: str  # why, in words (shown in the load report)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    kinds: tuple[str, ...]  # WeightFormat.kind values it serves ("fp8", "mxfp4")
+    computes: tuple[str, ...]  # compute modes it implements, preferred first
+    run: Callable[[torch.Tensor, QuantizedWeight, torch.Tensor | None, str], torch.Tensor]
+    check: Callable[[DeviceInfo, WeightFormat], tuple[bool, str]]  # (usable here, why / why not)
+    priority: int = 0  # higher wins among usable backends
+    package: str = ""  # what to install when it is missing (named in BackendUnavailableError)
+
+
+_BACKENDS: dict[str, Backend] = {}
+_CHOICE_CACHE: dict[tuple, BackendChoice] = {}
+_DEVICE_CACHE: dict[str, DeviceInfo] = {}
+# Modules that register backends when imported; imported lazily, once (missing ones are fine).
+PLUGIN_MODULES = (".kernels", ".amd")
+_plugins_loaded = False
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> None:
+    """Add a backend. A second registration of the same name needs replace=True (or is ignored
+    when it is the very same record, so a re-imported plug-in is harmless)."""
+    old = _BACKENDS.get(backend.name)
+    if old is not None and old != backend and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
+    _BACKENDS[backend.name] = backend
+    _CHOICE_CACHE.clear()
+
+
+def unregister_backend(name: str) -> None:
+    _BACKENDS.pop(name, None)
+    _CHOICE_CACHE.clear()
+
+
+def registered_backends() -> list[Backend]:
+    """All backends, highest priority first."""
+    _load_plugins()
+    return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+
+
+def get_backend(name: str) -> Backend:
+    _load_plugins()
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; registered: {', '.join(sorted(_BACKENDS))}") from None
+
+
+def clear_cache() -> None:
+    """Forget cached device queries and choices (tests monkeypatching capabilities call this)."""
+    _CHOICE_CACHE.clear()
+    _DEVICE_CACHE.clear()
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for mod in PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod, __package__)
+        except ImportError as e:  # not built yet, or its optional dependency is missing
+            log.debug("backend plug-in %s not loaded: %s", mod, e)
+        except Exception:  # a broken plug-in must not take the reference path down with it
+            log.warning("backend plug-in %s failed to import; using the others", mod, exc_info=True)
+
+
+# --- device queries (monkeypatched in tests) -------------------------------------------------
+
+
+def _is_rocm() -> bool:
+    return torch.version.hip is not None
+
+
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _rocm_arch(index: int) -> str:
+    # gcnArchName looks like "gfx942:sramecc+:xnack-"; the part before ':' is the ISA.
+    return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+
+
+def device_info(device: torch.device | str) -> DeviceInfo:
+    device = torch.device(device)
+    key = str(device)
+    info = _DEVICE_CACHE.get(key)
+    if info is not None:
+        return info
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _cuda_capability(index)
+        if _is_rocm():
+            info = DeviceInfo("cuda", index, "amd", cap, _rocm_arch(index))
+        else:
+            info = DeviceInfo("cuda", index, "nvidia", cap, f"sm_{cap[0]}{cap[1]}")
+    else:
+        info = DeviceInfo(device.type, device.index)
+    _DEVICE_CACHE[key] = info
+    return info
+
+
+# --- selection -------------------------------------------------------------------------------
+
+
+def _validate_compute(fmt: WeightFormat, compute: str) -> None:
+    if compute != "auto" and compute not in fmt.computes:
+        raise ValueError(f"compute mode {compute!r} is not one of {('auto', *fmt.computes)} for {fmt.name}")
+
+
+def _computes_for(b: Backend, fmt: WeightFormat) -> tuple[str, ...]:
+    return tuple(c for c in b.computes if c in fmt.computes)
+
+
+def choose_backend(
+    format: str, device: torch.device | str, compute: str = "auto", backend: str | None = None
+) -> BackendChoice:
+    """Pick the backend (and compute mode) for a weight format on a device. Cached per device."""
+    key = (format, str(torch.device(device)), compute, backend or "")
+    hit = _CHOICE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    choice = _choose(get_format(format), device_info(device), compute, backend or None)
+    _CHOICE_CACHE[key] = choice
+    return choice
+
+
+def _choose(fmt: WeightFormat, info: DeviceInfo, compute: str, forced: str | None) -> BackendChoice:
+    _validate_compute(fmt, compute)
+    _load_plugins()
+    if forced:
+        b = get_backend(forced)
+        ok, why = b.check(info, fmt)
+        modes = _computes_for(b, fmt)
+        if fmt.kind not in b.kinds or not modes:
+            ok, why = False, f"it does not run {fmt.name} weights"
+        elif compute != "auto" and compute not in modes:
+            ok, why = False, f"it runs {modes}, not {compute}"
+        if not ok:
+            hint = f"; install {b.package}" if b.package else ""
+            raise BackendUnavailableError(
+                f"backend {b.name!r} cannot run {fmt.name} on {info.describe()}: {why}{hint}"
+            )
+        return BackendChoice(b.name, compute if compute != "auto" else modes[0], why)
+
+    skipped: list[str] = []
+    for b in registered_backends():
+        if fmt.kind not in b.kinds:
+            continue
+        modes = _computes_for(b, fmt)
+        ok, why = b.check(info, fmt)
+        if not ok:
+            skipped.append(f"{b.name}: {why}")
+            continue
+        if compute != "auto" and compute not in modes:
+            skipped.append(f"{b.name}: runs {', '.join(modes)}, not {compute}")
+            continue
+        mode = modes[0] if compute == "auto" else compute
+        reason = why if b.name != "reference" else _reference_reason(info, fmt, mode)
+        if skipped:
+            reason += " (not chosen: " + "; ".join(skipped) + ")"
+        return BackendChoice(b.name, mode, reason)
+    raise BackendUnavailableError(  # only reachable if someone unregistered the reference
+        f"no registered backend runs {fmt.name} {compute} on {info.describe()}"
+    )
+
+
+def _reference_reason(info: DeviceInfo, fmt: WeightFormat, mode: str) -> str:
+    if mode.endswith("a16"):
+        return f"{fmt.name} on {info.describe()}: dequantize to the activation dtype, then matmul (reference)"
+    return (
+        f"{fmt.name} {mode} on {info.describe()}: exact emulation in fp32 (reference; no native kernel here)"
+    )
+
+
+def run_linear(
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    compute: str = "auto",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Run a quantized linear with the chosen backend (what the torch.library ops call)."""
+    choice = choose_backend(qw.format, x.device, compute, backend)
+    return _BACKENDS[choice.name].run(x, qw, bias, choice.compute)
+
+
+def preferred_fp8_format(device: torch.device | str) -> str:
+    """The FP8 format this device's tensor cores take: e4m3fnuz on MI300 (gfx942), else e4m3fn."""
+    return "fp8_e4m3fnuz" if device_info(device).arch == "gfx942" else "fp8_e4m3fn"
+
+
+# --- built-in backends -----------------------------------------------------------------------
+
+
+def _reference_run(x, qw, bias, compute):
+    from .linear import reference_linear
+
+    return reference_linear(x, qw, bias, compute)
+
+
+def _reference_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
+    return True, "plain PyTorch reference"
+
+
+# FP8 dtypes each GPU's tensor cores take (DESIGN §4-5): NVIDIA Ada/Hopper/Blackwell and AMD
+# MI350/RDNA4 take OCP e4m3fn; MI300 (gfx942) only e4m3fnuz.
+_SCALED_MM_ROCM = {
+    "gfx942": torch.float8_e4m3fnuz,
+    "gfx950": torch.float8_e4m3fn,
+    "gfx1200": torch.float8_e4m3fn,
+    "gfx1201": torch.float8_e4m3fn,
+}
+
+
+def _scaled_mm_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
+    if info.type != "cuda":
+        return False, f"needs a CUDA/ROCm GPU, device is {info.describe()}"
+    if not hasattr(torch, "_scaled_mm"):
+        return False, f"this PyTorch ({torch.__version__}) has no torch._scaled_mm"
+    dtype = getattr(fmt, "dtype", None)
+    if info.vendor == "amd":
+        want = _SCALED_MM_ROCM.get(info.arch)
+        if want is None:
+            return False, f"{info.arch} has no FP8 matrix cores PyTorch uses"
+        if dtype != want:
+            hint = f"use format {_fp8_name(want)}"
+            return False, f"{info.arch} FP8 matrix cores take {want}, weights are {dtype} ({hint})"
+        return True, f"ROCm {info.arch} FP8 matrix cores via torch._scaled_mm (row-wise scales)"
+    if info.capability is None or info.capability < (8, 9):
+        return False, f"FP8 tensor cores need sm_89+, device is {info.arch}"
+    if dtype != torch.float8_e4m3fn:
+        return False, f"NVIDIA FP8 tensor cores take float8_e4m3fn, weights are {dtype}"
+    return True, f"CUDA {info.arch} FP8 tensor cores via torch._scaled_mm (row-wise scales)"
+
+
+def _fp8_name(dtype: torch.dtype) -> str:
+    return "fp8_e4m3fnuz" if dtype == torch.float8_e4m3fnuz else "fp8_e4m3fn"
+
+
+def scaled_mm_args(xq: torch.Tensor, x_scale: torch.Tensor, qw: QuantizedWeight) -> dict:
+    """Arguments of torch._scaled_mm for a row-wise-scaled FP8 GEMM (kept apart so CPU tests can
+    check shapes and layouts): a [M, K] row-major, b = weight.t() [K, N] column-major,
+    scale_a [M, 1] fp32, scale_b [1, N] fp32, bf16 out (row-wise scaling requires bf16)."""
+    n = qw.shape[0]
+    w_scale = qw.scale.float().reshape(-1)
+    scale_b = (w_scale.expand(n) if w_scale.numel() == 1 else w_scale).reshape(1, n).contiguous()
+    return {
+        "mat1": xq.contiguous(),
+        "mat2": qw.qdata.t(),  # qdata [N, K] row-major -> [K, N] column-major, no copy
+        "scale_a": x_scale.float().reshape(-1, 1).contiguous(),
+        "scale_b": scale_b,
+        "out_dtype": torch.bfloat16,
+    }
+
+
+def _scaled_mm_run(x, qw, bias, compute):
+    from . import fp8
+    from .linear import reference_linear
+
+    n, k = qw.shape
+    if n % 16 or k % 16:  # cuBLASLt/hipBLASLt FP8 needs both multiples of 16
+        return reference_linear(x, qw, bias, compute)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    # Eager activation quantization for now; fused kernels (quant/kernels) register above this.
+    xq, xs = fp8.quantize_activation(x2, qw.qdata.dtype)
+    a = scaled_mm_args(xq, xs, qw)
+    out = torch._scaled_mm(
+        a["mat1"], a["mat2"], scale_a=a["scale_a"], scale_b=a["scale_b"], out_dtype=a["out_dtype"]
+    )
+    out = out.to(x.dtype)
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return out.view(*lead, n)
+
+
+def _blackwell_mxfp4_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
+    return False, "not implemented yet (Blackwell MXFP4 via torch._scaled_mm: no such GPU to test on)"
+
+
+def _not_implemented_run(x, qw, bias, compute):
+    raise BackendUnavailableError("the Blackwell MXFP4 torch._scaled_mm backend is not implemented yet")
+
+
+BUILTIN_BACKENDS = (
+    Backend(
+        "reference",
+        ("fp8", "mxfp4"),
+        ("w8a16", "w4a16", "w8a8", "w4a8", "w4a4"),
+        _reference_run,
+        _reference_check,
+        priority=0,
+    ),
+    Backend(
+        "scaled_mm",
+        ("fp8",),
+        ("w8a8",),
+        _scaled_mm_run,
+        _scaled_mm_check,
+        priority=50,
+        package="a PyTorch build with CUDA or ROCm",
+    ),
+    Backend(
+        "scaled_mm_mxfp4",
+        ("mxfp4",),
+        ("w4a4",),
+        _not_implemented_run,
+        _blackwell_mxfp4_check,
+        priority=40,
+        package="a Blackwell GPU and PyTorch >= 2.8",
+    ),
+)
+for _b in BUILTIN_BACKENDS:
+    register_backend(_b)
+del _b
+
+__all__ = [
+    "BUILTIN_BACKENDS",
+    "Backend",
+    "BackendChoice",
+    "DeviceInfo",
+    "choose_backend",
+    "clear_cache",
+    "device_info",
+    "get_backend",
+    "preferred_fp8_format",
+    "register_backend",
+    "registered_backends",
+    "run_linear",
+    "scaled_mm_args",
+    "unregister_backend",
+]

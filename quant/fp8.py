@@ -1,0 +1,111 @@
+"""FP8 (e4m3fn / e4m3fnuz) reference quantization with fp32 scales.
+
+Weights: one scale per output channel (row of [N, K]) or per tensor; activations: one scale per
+token (row), computed dynamically (DESIGN §5). `x ≈ q.float() * scale` with
+scale = max(amax, 1e-12) / fp8_max, and values clamped to ±fp8_max before the cast (PyTorch's
+cast saturates for e4m3fn but gives NaN for e4m3fnuz out of range; DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .constants import AMAX_EPS, FP8_MAX
+from .errors import NonFiniteWeightError
+
+GRANULARITIES = ("channel", "tensor")
+FP8_DTYPES = tuple(FP8_MAX)
+
+# Rows per chunk are chosen so each fp32 temporary stays around 4 MiB.
+_CHUNK_ELEMS = 1 << 20
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an FP8 dtype this pack supports (ValueError otherwise)."""
+    try:
+        return FP8_MAX[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported FP8 dtype {dtype}; expected one of {FP8_DTYPES}") from None
+
+
+def _cast(x32: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype, fmax: float) -> torch.Tensor:
+    return (x32 * inv_scale).clamp_(-fmax, fmax).to(dtype)
+
+
+def _row_chunks(n_rows: int, k: int):
+    step = max(1, _CHUNK_ELEMS // max(k, 1))
+    return range(0, n_rows, step), step
+
+
+def quantize_weight(
+    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "channel"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight [N, K] to FP8. Returns (q [N, K] in dtype, scale fp32 [N, 1] or []).
+
+    NaN/Inf raise NonFiniteWeightError (the caller adds the layer name).
+    """
+    fmax = fp8_max(dtype)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown FP8 granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if w.dim() != 2:
+        raise ValueError(
+            f"FP8 weight quantization expects a 2-D [out, in] weight, got shape {tuple(w.shape)}"
+        )
+    if not w.is_floating_point():
+        raise TypeError(f"FP8 quantizes floating-point tensors, got {w.dtype}")
+    n, k = w.shape
+    amax = (
+        w.abs().amax(dim=1, keepdim=True).float() if w.numel() else w.new_zeros((n, 1), dtype=torch.float32)
+    )
+    if not bool(torch.isfinite(amax).all()):  # NaN and Inf propagate into amax
+        raise NonFiniteWeightError("weight contains NaN or Inf values; FP8 cannot quantize it")
+    if granularity == "tensor":
+        amax = amax.amax() if n else amax.new_zeros(())
+    # Divide in fp32 like the reference recipes (torchao, sglang): scale = amax / max.
+    scale = amax.clamp(min=AMAX_EPS) / fmax
+    inv = 1.0 / scale
+    q = torch.empty((n, k), dtype=dtype, device=w.device)
+    starts, step = _row_chunks(n, k)
+    for i in starts:
+        inv_i = inv if granularity == "tensor" else inv[i : i + step]
+        q[i : i + step] = _cast(w[i : i + step].float(), inv_i, dtype, fmax)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """FP8 q [N, K] (or [..., K]) with a broadcastable fp32 scale -> q * scale in dtype."""
+    if q.dtype not in FP8_MAX:
+        raise TypeError(f"expected an FP8 tensor ({FP8_DTYPES}), got {q.dtype}")
+    if q.dim() < 2:
+        return (q.float() * scale.float()).to(dtype)
+    k = q.shape[-1]
+    q2 = q.reshape(-1, k)
+    s2 = scale.float()
+    per_row = s2.dim() > 0 and s2.numel() > 1
+    if per_row:
+        s2 = s2.reshape(-1, 1)
+    out = torch.empty(q2.shape, dtype=dtype, device=q.device)
+    starts, step = _row_chunks(q2.shape[0], k)
+    for i in starts:
+        s_i = s2[i : i + step] if per_row else s2
+        out[i : i + step] = q2[i : i + step].float() * s_i
+    return out.view(q.shape)
+
+
+def quantize_activation(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic quantization (the reference every fused kernel must match).
+
+    x [..., K] -> (q [..., K] in dtype, scale fp32 [..., 1]). NaN in x propagates (no error: an
+    activation is not user input). The arithmetic is identical to quantize_weight's per-channel
+    path: scale = max(amax, 1e-12) / fp8_max, q = clamp(x * (1 / scale)).
+    """
+    fmax = fp8_max(dtype)
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = amax.clamp(min=AMAX_EPS) / fmax
+    return _cast(x32, 1.0 / scale, dtype, fmax), scale
+
+
+__all__ = ["FP8_DTYPES", "GRANULARITIES", "dequantize", "fp8_max", "quantize_activation", "quantize_weight"]

@@ -1,0 +1,111 @@
+"""quantized_linear: the one entry point for a matmul with a quantized weight, and its
+plain-PyTorch reference (the correct fallback everywhere, and what every kernel is tested against).
+
+Compute modes (`compute=`), named for weight/activation bits:
+- "w8a16" / "w4a16": dequantize the weight to x.dtype and matmul (weight-only quantization).
+- "w8a8": activations quantized per token to the weight's FP8 dtype (quant.fp8.quantize_activation),
+  fp32 accumulation of the FP8 products, then `acc * x_scale * w_scale` — exactly what an FP8
+  GEMM with row-wise scales computes, up to summation order.
+- "w4a8": MXFP4 weight, FP8 e4m3fn per-token activations, fp32 accumulation.
+- "w4a4": activations quantized to MXFP4 along K with the weight format's rounding (AITER's
+  a4w4 path quantizes activations with dynamic_mxfp4_quant), fp32 matmul of the exact values.
+- "auto": whatever quant/backends.py picks for the device (see BackendChoice.reason).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import fp8, mxfp4
+from .formats import QuantizedWeight, get_format
+
+# Weight rows dequantized at a time: about 4 Mi elements (16 MiB in fp32), so a 13824x5120 layer
+# never needs a full fp32 (283 MB) copy.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _act_bits(compute: str, fmt_computes: tuple[str, ...]) -> str:
+    if compute not in fmt_computes:
+        raise ValueError(f"compute mode {compute!r} is not one of {fmt_computes} for this format")
+    return compute.split("a", 1)[1]  # "w8a16" -> "16"
+
+
+def _row_step(n: int, k: int) -> int:
+    return max(1, min(n, _CHUNK_ELEMS // max(k, 1)))
+
+
+def reference_linear(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, compute: str = "auto"
+) -> torch.Tensor:
+    """Plain-PyTorch quantized linear: x [..., K] -> [..., N] in x.dtype (see module docstring)."""
+    fmt = get_format(qw.format)
+    if compute == "auto":
+        compute = fmt.computes[-1]  # the weight-only mode: exact dequantize + matmul
+    act = _act_bits(compute, fmt.computes)
+    n, k = qw.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the quantized weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    step = _row_step(n, k)
+
+    if act == "16":
+        out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+        for i in range(0, n, step):
+            w = fmt.dequantize_rows(qw, i, i + step, x.dtype)
+            out[:, i : i + step] = F.linear(x2, w)
+        if bias is not None:
+            out += bias.to(x.dtype)
+        return out.view(*lead, n)
+
+    # Emulated low-precision activations: exact values in fp32, fp32 accumulation.
+    row_scale = None  # per-token scale applied after accumulation, as FP8 GEMMs do
+    if act == "8":
+        a_dtype = getattr(fmt, "dtype", torch.float8_e4m3fn)  # fnuz weights pair with fnuz activations
+        xq, row_scale = fp8.quantize_activation(x2, a_dtype)
+        xf = xq.float()
+    elif act == "4":
+        codes, scales = mxfp4.quantize(x2, getattr(fmt, "rounding", "even"), check_finite=False)
+        xf = mxfp4.dequantize(codes, scales, torch.float32)
+    else:
+        raise ValueError(f"unsupported compute mode {compute!r}")
+    out32 = torch.empty((x2.shape[0], n), dtype=torch.float32, device=x.device)
+    for i in range(0, n, step):
+        wq, wscale = fmt.dequantize_rows_unscaled(qw, i, i + step)
+        acc = xf @ wq.t()
+        if wscale is not None:
+            acc *= wscale.reshape(1, -1) if wscale.dim() else wscale
+        out32[:, i : i + step] = acc
+    if row_scale is not None:
+        out32 *= row_scale
+    if bias is not None:
+        out32 += bias.float()
+    return out32.to(x.dtype).view(*lead, n)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    compute: str = "auto",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32) times the quantized weight -> [..., N] in x.dtype.
+
+    Goes through the torch.library op of the format's kind (onlinequant::fp8_linear /
+    onlinequant::mxfp4_linear), whose implementation asks quant/backends.py for the backend, so
+    torch.compile(fullgraph=True) sees one opaque op. `backend` forces a registered backend by
+    name (BackendUnavailableError naming the package when it cannot run here).
+    """
+    from . import ops  # registers the ops on first use; no import-time cost for plain users
+
+    fmt = get_format(qw.format)
+    if compute != "auto" and compute not in fmt.computes:
+        raise ValueError(f"compute mode {compute!r} is not one of {('auto', *fmt.computes)} for {fmt.name}")
+    if x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the {fmt.name} weight expects {qw.shape[1]}")
+    return ops.linear_op(fmt.kind)(x, qw.qdata, qw.scale, bias, fmt.name, compute, backend or "")
+
+
+__all__ = ["quantized_linear", "reference_linear"]

@@ -1,0 +1,76 @@
+"""torch.library ops `onlinequant::fp8_linear` and `onlinequant::mxfp4_linear` (+ fake impls).
+
+One opaque op per format kind, with plain tensor/str arguments, so torch.compile(fullgraph=True)
+traces a model calling quant.linear.quantized_linear without graph breaks; the implementation
+asks quant/backends.py which backend runs it (eager, at call time).
+
+Schema (both ops):
+    (Tensor x, Tensor qdata, Tensor scale, Tensor? bias, str format, str compute, str backend) -> Tensor
+x [..., K]; qdata/scale as in quant.formats.QuantizedWeight; returns [..., N] in x.dtype, where
+N = qdata.shape[0]. `backend` "" means "let backends.py choose".
+
+This package can be imported twice in one process (as `quant` and as `<pack>.quant`, CONTRACT
+rule 9): each op is defined only if `torch.ops.onlinequant` does not have it yet; otherwise the
+existing op is reused (it dispatches through the backend registry of the first import).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "onlinequant"
+_KIND_TO_OP = {"fp8": "fp8_linear", "mxfp4": "mxfp4_linear"}
+
+
+def _op_exists(name: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, NAMESPACE), name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _impl(x, qdata, scale, bias, format, compute, backend):
+    from .backends import run_linear
+    from .formats import QuantizedWeight
+
+    qw = QuantizedWeight(format, qdata, scale, (qdata.shape[0], x.shape[-1]))
+    return run_linear(x, qw, bias, compute, backend or None)
+
+
+def _fake(x, qdata, scale, bias, format, compute, backend):
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+def _define(name: str) -> None:
+    if _op_exists(name):
+        return
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(_typed_impl)
+    op.register_fake(_fake)
+
+
+def _typed_impl(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    compute: str,
+    backend: str,
+) -> torch.Tensor:
+    return _impl(x, qdata, scale, bias, format, compute, backend)
+
+
+for _name in _KIND_TO_OP.values():
+    _define(_name)
+
+
+def linear_op(kind: str):
+    """The torch.ops callable for a WeightFormat.kind ("fp8" -> torch.ops.onlinequant.fp8_linear)."""
+    try:
+        return getattr(getattr(torch.ops, NAMESPACE), _KIND_TO_OP[kind])
+    except KeyError:
+        raise ValueError(f"no onlinequant op for format kind {kind!r}") from None
+
+
+__all__ = ["NAMESPACE", "linear_op"]
