@@ -33,3 +33,14 @@ def can_run_triton(device) -> bool:
     if dev_type == "cuda":
         return True
     return dev_type == "cpu" and interpreting()
+
+
+def _register_backends() -> None:
+    # quant/backends.py imports this package as its plug-in seam; registering is idempotent
+    # (the same Backend records), so a second import of the pack is harmless.
+    from .registry import register
+
+    register()
+
+
+_register_backends()

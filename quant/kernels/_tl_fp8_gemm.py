@@ -44,12 +44,12 @@ def fp8_gemm_act_quant_kernel(
         k_ok = (k0 + rk) < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        amax = tl.maximum(tl.max(tl.abs(a), axis=1), EPS)
-        aq = tl.clamp(a * (FP8_MAX / amax)[:, None], -FP8_MAX, FP8_MAX)
+        a_s = tl.maximum(tl.max(tl.abs(a), axis=1), EPS) / FP8_MAX
+        aq = tl.clamp(a * (1.0 / a_s)[:, None], -FP8_MAX, FP8_MAX)
         if EMULATE_CVT:
             aq = round_to_e4m3(aq, FNUZ)
         part = tl.dot(aq.to(w.dtype), w)
-        acc += part * (amax / FP8_MAX)[:, None]
+        acc += part * a_s[:, None]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 

@@ -20,9 +20,9 @@ def fp8_per_token_quant_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)
-    inv = FP8_MAX / amax
-    y = tl.clamp(x * inv[:, None], -FP8_MAX, FP8_MAX)
+    scale = amax / FP8_MAX
+    y = tl.clamp(x * (1.0 / scale)[:, None], -FP8_MAX, FP8_MAX)
     if EMULATE_CVT:
         y = round_to_e4m3(y, FNUZ)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows, amax / FP8_MAX, mask=rows < M)
+    tl.store(s_ptr + rows, scale, mask=rows < M)

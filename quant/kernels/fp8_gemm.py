@@ -117,3 +117,20 @@ def fp8_linear_act_fused(
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------- traceable: for torch.compile to fuse
+def fp8_linear_traceable(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The row-wise path written in plain PyTorch ops only (no custom op, no Triton call), so that
+    torch.compile can fuse the per-token quantization into the op that produces x (norm,
+    modulation, GELU) and hand `_scaled_mm` to cuBLAS. Same arithmetic as fp8_linear_rowwise."""
+    out_dtype = out_dtype or x.dtype
+    n = w_q.shape[0]
+    q, s = quantize_fp8_per_token_reference(x.reshape(-1, x.shape[-1]), w_q.dtype)
+    b = None if bias is None else bias.to(torch.bfloat16)
+    y = torch._scaled_mm(q, w_q.t(), scale_a=s, scale_b=_w_scale_row(w_scale, n), bias=b,
+                         out_dtype=torch.bfloat16)
+    return y.to(out_dtype).reshape(*x.shape[:-1], n)

@@ -1,8 +1,9 @@
 """Per-token FP8 activation quantization: the single-pass Triton kernel and its reference.
 
 x [..., K] (bf16/fp16/fp32) -> q [..., K] fp8, scale fp32 [..., 1] with x ~= q * scale.
-scale = max(amax_row, EPS) / fp8_max; q = saturate(x * (fp8_max / amax_row)). The kernel
-and the reference compute exactly these fp32 operations, so they agree bit for bit.
+scale = max(amax_row, EPS) / fp8_max; q = saturate(x * (1 / scale)): the arithmetic of
+quant.fp8.quantize_activation. The kernel and the reference compute exactly these fp32
+operations, so they agree bit for bit.
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ def quantize_fp8_per_token_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fmax = fp8_max(dtype)
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
-    # A tensor numerator: `float / tensor` in PyTorch is reciprocal-then-multiply (two roundings),
-    # the kernel divides once.
-    inv = torch.full_like(amax, fmax) / amax
-    q = (xf * inv).clamp(-fmax, fmax).to(dtype)
-    return q, amax / fmax
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / fmax
+    q = (xf * (1.0 / scale)).clamp(-fmax, fmax).to(dtype)
+    return q, scale
 
 
 def _launch_config(k: int) -> tuple[int, int, int]:
@@ -40,9 +38,10 @@ def _launch_config(k: int) -> tuple[int, int, int]:
 
 
 def quantize_fp8_per_token(
-    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, launch: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton kernel where it can run (GPU, or CPU under TRITON_INTERPRET=1), else the reference."""
+    """Triton kernel where it can run (GPU, or CPU under TRITON_INTERPRET=1), else the reference.
+    `launch` = (rows per program, num_warps) overrides the default (tuning only)."""
     k = x.shape[-1]
     if not can_run_triton(x.device) or x.numel() == 0 or k > 65536:
         return quantize_fp8_per_token_reference(x, dtype)
@@ -55,6 +54,8 @@ def quantize_fp8_per_token(
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     rows, block_k, num_warps = _launch_config(k)
+    if launch is not None:
+        rows, num_warps = launch
     grid = (triton_cdiv(m, rows),)
     fp8_per_token_quant_kernel[grid](
         x2, q, s, m, k, x2.stride(0), q.stride(0),

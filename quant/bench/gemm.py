@@ -1,0 +1,72 @@
+"""GEMM level: every path of quant/bench/paths.py at the real Linear shapes, M = 4096 and 32760
+(time, TFLOP/s, speed-up over bf16 F.linear, output error against bf16, weight bytes)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+
+import torch
+
+from .paths import build_paths
+from .shapes import DEFAULT_M, LINEAR_SHAPES, QUICK_M, QUICK_SHAPES
+from .timing import bench_ms, rel_l2
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--m", default=None, help="comma-separated token counts (default 4096,32760)")
+    parser.add_argument("--gemm-models", default="", help="only shapes of these models (comma list)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the torch.compile'd plain-PyTorch FP8 path (compiles per shape)")
+
+
+def run(args, device: torch.device) -> list[dict]:
+    shapes = QUICK_SHAPES if args.quick else LINEAR_SHAPES
+    if getattr(args, "gemm_models", ""):
+        keep = set(args.gemm_models.split(","))
+        shapes = [s for s in shapes if s[0] in keep]
+    ms = QUICK_M if args.quick else DEFAULT_M
+    if getattr(args, "m", None):
+        ms = tuple(int(v) for v in args.m.split(","))
+    rows: list[dict] = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for model, layer, k, n in shapes:
+        w = (torch.randn((n, k), generator=g, device=device) * 0.02).to(torch.bfloat16)
+        b = (torch.randn((n,), generator=g, device=device) * 0.02).to(torch.bfloat16)
+        for m in ms:
+            x = torch.randn((m, k), generator=g, device=device).to(torch.bfloat16)
+            paths = build_paths(w, b, x, include_compiled=getattr(args, "compiled", False))
+            ref = paths["bf16"][0](x)
+            t_bf16 = None
+            for name, (fn, nbytes) in paths.items():
+                run_it = functools.partial(fn, x)
+                row = dict(table="gemm", model=model, layer=layer, M=m, K=k, N=n, path=name)
+                try:
+                    out = run_it()
+                    ms_ = bench_ms(run_it, device)
+                except Exception as e:  # a path that cannot run here is reported, not fatal
+                    log.warning("gemm %s %dx%dx%d failed: %s", name, m, k, n, e)
+                    row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+                    rows.append(row)
+                    continue
+                if name == "bf16":
+                    t_bf16 = ms_
+                row["ms"] = round(ms_, 4)
+                if name == "act_quant_only":
+                    moved = m * k * (x.element_size() + 1) + m * 4
+                    row["GB/s"] = round(moved / ms_ / 1e6, 1)
+                else:
+                    row["TFLOP/s"] = round(2 * m * n * k / ms_ / 1e9, 1)
+                    row["speedup_vs_bf16"] = round(t_bf16 / ms_, 3) if t_bf16 else None
+                    row["rel_err_vs_bf16"] = round(rel_l2(out, ref), 5)
+                    row["weight_bytes"] = nbytes
+                rows.append(row)
+                del out
+            del x, ref, paths
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
