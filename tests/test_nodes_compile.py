@@ -1,0 +1,52 @@
+"""torch.compile of online-quantized models on the CPU: the quantized forward is torch.library
+ops with fake implementations, so Dynamo captures a Wan block in one graph (fullgraph=True)
+once attention is PyTorch SDPA (ComfyUI's CPU default attention reads psutil, a graph break
+of ComfyUI's own, unrelated to quantization), and Inductor compiles a quantized Linear."""
+
+from __future__ import annotations
+
+import helpers_models as hm
+import pytest
+import torch
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def wan_file(comfyui_path, tmp_path_factory):
+    return hm.save_model(hm.wan_model(seed=4), tmp_path_factory.mktemp("wanc") / "wan_tiny.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "mxfp4"])
+def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, fmt):
+    import comfy.model_management
+
+    hm.import_submodules(pack, "nodes.loader", "nodes.attention", "nodes.layouts")
+    mp, _ = pack.nodes.loader.load_quantized(str(wan_file), fmt, "", compute_dtype="bf16")
+    comfy.model_management.load_models_gpu([mp])
+    dm = mp.model.diffusion_model
+    blk = dm.blocks[0]
+    assert pack.nodes.layouts.is_online_quant(blk.self_attn.q.weight)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, hm.WAN_DIM, generator=g).bfloat16()
+    e = torch.randn(1, 6, hm.WAN_DIM, generator=g).bfloat16()
+    ctx = torch.randn(1, 12, hm.WAN_DIM, generator=g).bfloat16()
+    freqs = dm.rope_encode(1, 8, 8, device=x.device, dtype=x.dtype)
+    topts = {"optimized_attention_override": pack.nodes.attention.AttentionOverride("sdpa")}
+    kw = dict(e=e, freqs=freqs, context=ctx, transformer_options=topts)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = blk(x, **kw)
+            out = torch.compile(blk, fullgraph=True, backend="aot_eager")(x, **kw)
+        assert torch.equal(ref, out)
+
+        lin = blk.ffn[0]
+        xx = torch.randn(3, 5, hm.WAN_DIM, generator=g).bfloat16()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(lin, fullgraph=True)(xx)
+        assert hm.rel_err(lin(xx), got) < 1e-2
+    finally:
+        torch._dynamo.reset()
+        comfy.model_management.unload_all_models()
