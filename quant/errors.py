@@ -32,3 +32,8 @@ class QuantizationOOMError(OnlineQuantError, RuntimeError):
 class HeaderTooLargeError(CheckpointError):
     """A safetensors header is larger than the cap the caller set (`read_header(max_header_bytes=...)`).
     The web preview answers HTTP 413 for it; loading a model uses the format's own 100 MB limit."""
+
+
+class AttentionUnsupportedError(OnlineQuantError, ValueError):
+    """The FP8 attention kernel can't take this call (mask, dtype, head dim, device...); the
+    message says why. Callers fall back to their own attention function."""

@@ -1,0 +1,239 @@
+"""Attention section of `python -m quant.bench` (issue 8): PyTorch SDPA as ComfyUI calls it
+(cuDNN on Hopper), SDPA forced to FlashAttention-2, flash_attn if installed, and this pack's 8-bit
+attention in its modes, side by side at Z-Image 30×4352, Wan 5B 24×27280 and Wan 14B 40×32760
+(B=1, D=128, random inputs). Time (median, CUDA events), TFLOP/s, speed-up over default SDPA,
+and relative L2 error against bf16 SDPA on three inputs:
+- "gauss": q, k, v ~ N(0, 1);
+- "outlier": 4 channels of Q and 4 other channels of K scaled ×20, K with a per-channel bias
+  (N(0, 2)): the outlier pattern of real Q/K activations (logit std ≈ 5–10);
+- "outlier_same": the same 4 channels ×20 in both Q and K (logit std ≈ 70: near-argmax
+  softmax; a stress test).
+
+Also runnable alone: `python -m quant.bench.attention [--tune] [--quick] [--out DIR]`.
+Hook for model-level benches: `quant.attention.comfy_fp8_attention` has ComfyUI's attention
+signature; set it as `transformer_options["optimized_attention_override"]` through
+`override_for_bench()` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ..attention import attention_flops, comfy_fp8_attention, fp8_attention
+from ..kernels.fp8_attention import AttnConfig, default_config, fp8_attention_triton
+from .timing import bench_ms, env_info, rel_l2
+
+log = logging.getLogger(__name__)
+
+# (model, heads, tokens); B=1, D=128 (DESIGN §4)
+SHAPES = [("zimage", 30, 4352), ("wan22_5b", 24, 27280), ("wan_14b", 40, 32760)]
+QUICK_SHAPES = [("tiny", 2, 80)]
+MODES = {  # name -> fp8_attention kwargs
+    "int8qk_bf16pv": dict(qk="int8", pv="bf16"),
+    "fp8qk_bf16pv": dict(qk="fp8", pv="bf16"),
+    "int8qk_fp8pv": dict(qk="int8", pv="fp8"),
+    "fp8qk_fp8pv": dict(qk="fp8", pv="fp8"),
+}
+TUNE_CONFIGS = [
+    AttnConfig(128, 128, 8, 3),
+    AttnConfig(128, 128, 8, 2),
+    AttnConfig(128, 64, 8, 3),
+    AttnConfig(128, 64, 4, 3),
+    AttnConfig(64, 128, 4, 3),
+    AttnConfig(128, 128, 4, 3),
+]
+
+
+def make_inputs(kind: str, heads: int, tokens: int, device, seed: int = 0, head_dim: int = 128):
+    """q, k, v as [B, L, H·D] bf16 (Wan's layout; `.unflatten(-1, (H, D)).transpose(1, 2)` gives
+    the [B,H,L,D] view Z-Image passes)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (1, tokens, heads, head_dim)
+    q, k, v = (torch.randn(shape, generator=g, device=device) for _ in range(3))
+    if kind != "gauss":
+        ch = torch.randperm(head_dim, generator=torch.Generator().manual_seed(seed))[:8].to(device)
+        qc, kc = (ch[:4], ch[:4]) if kind == "outlier_same" else (ch[:4], ch[4:])
+        q[..., qc] *= 20.0
+        k[..., kc] *= 20.0
+        k += torch.randn(head_dim, generator=g, device=device) * 2.0
+    return tuple(t.to(torch.bfloat16).flatten(2) for t in (q, k, v))
+
+
+def _sdpa(q, k, v, heads, backend=None):
+    qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    if backend is None:
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([backend]):
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+    return o.transpose(1, 2).flatten(2)
+
+
+def _paths(heads: int, device) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    paths = {"sdpa_default_bf16": lambda q, k, v: _sdpa(q, k, v, heads)}
+    if device.type == "cuda":
+        paths["sdpa_flash_bf16"] = lambda q, k, v: _sdpa(q, k, v, heads, SDPBackend.FLASH_ATTENTION)
+        paths["sdpa_cudnn_bf16"] = lambda q, k, v: _sdpa(q, k, v, heads, SDPBackend.CUDNN_ATTENTION)
+    try:
+        from flash_attn import flash_attn_func  # noqa: F401
+
+        paths["flash_attn2_bf16"] = lambda q, k, v: flash_attn_func(
+            *(t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+        ).flatten(2)
+    except Exception:  # not installed (the H100 image has none)
+        pass
+    for name, kw in MODES.items():
+        paths[name] = lambda q, k, v, kw=kw: fp8_attention(q, k, v, layout="blhd", heads=heads, **kw)
+    return paths
+
+
+def run(args, device: torch.device) -> list[dict]:
+    """Rows of the attention table (and, with --attn-tune, of the tuning table)."""
+    quick = getattr(args, "quick", False)
+    shapes = QUICK_SHAPES if quick else SHAPES
+    kinds = ("gauss", "outlier", "outlier_same")
+    rows: list[dict] = []
+    if getattr(args, "attn_check", False):
+        rows += check(device)
+    if getattr(args, "attn_tune", False) and device.type == "cuda":
+        rows += tune(device)
+    for model, heads, tokens in [] if getattr(args, "no_bench", False) else shapes:
+        flops = attention_flops(1, heads, tokens, tokens, 128)
+        paths = _paths(heads, device)
+        base_ms = None
+        for kind in kinds:
+            q, k, v = make_inputs(kind, heads, tokens, device)
+            ref = _sdpa(q, k, v, heads)
+            for name, fn in paths.items():
+                row = dict(table="attention", model=model, heads=heads, tokens=tokens, input=kind, path=name)
+                out = None
+                try:
+                    out = fn(q, k, v)
+                    row["rel_l2_vs_bf16_sdpa"] = round(rel_l2(out, ref), 5)
+                    if kind == "gauss":  # timing on one input kind is enough
+                        ms = bench_ms(lambda fn=fn: fn(q, k, v), device)
+                        base_ms = ms if name == "sdpa_default_bf16" else base_ms
+                        row.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
+                        if base_ms:
+                            row["speedup_vs_sdpa"] = round(base_ms / ms, 3)
+                except Exception as e:  # a path that cannot run here is reported, not fatal
+                    log.warning("attention %s %s failed: %s", name, model, e)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                log.info("%s", row)
+                del out
+            del q, k, v, ref
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def tune(device: torch.device, shapes=(("zimage", 30, 4352), ("wan22_5b", 24, 27280))) -> list[dict]:
+    """Time each launch configuration of the forward kernel per mode (bf16 P·V and FP8 P·V)."""
+    rows = []
+    for model, heads, tokens in shapes:
+        q, k, v = make_inputs("gauss", heads, tokens, device)
+        qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = torch.empty_like(qh)
+        flops = attention_flops(1, heads, tokens, tokens, 128)
+        for qk_int8, v_fp8 in ((True, False), (True, True)):
+            for cfg in TUNE_CONFIGS:
+                row = dict(table="attention_tune", model=model, qk="int8" if qk_int8 else "fp8",
+                           pv="fp8" if v_fp8 else "bf16", config=str(cfg))  # fmt: skip
+                try:
+                    fn = lambda cfg=cfg, a=qk_int8, b=v_fp8: fp8_attention_triton(  # noqa: E731
+                        qh, kh, vh, out, qk_int8=a, v_fp8=b, config=cfg
+                    )
+                    fn()
+                    ms = bench_ms(fn, device)
+                    row.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
+                log.info("%s", row)
+        del q, k, v, qh, kh, vh, out
+    return rows
+
+
+def check(device: torch.device) -> list[dict]:
+    """Kernel against its reference (fp32 emulation) on this device: every mode, both layouts,
+    D 64/128/256, lengths that are not block multiples, LQ != LK. Also the fp32 SDPA error."""
+    from ..attention import fp8_attention_reference
+
+    rows = []
+    cases = [(128, mode) for mode in MODES] + [(d, m) for d in (64, 256) for m in ("int8qk_bf16pv", "int8qk_fp8pv")]
+    g = torch.Generator(device=device).manual_seed(1)
+    for d, mode in cases:
+        kw = MODES[mode]
+        B, H, LQ, LK = 2, 3, 333, 290
+        q = torch.randn(B, LQ, H * d, generator=g, device=device).to(torch.bfloat16)
+        k, v = (torch.randn(B, LK, H * d, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
+        k = k + 3 * torch.randn(H * d, generator=g, device=device).to(torch.bfloat16)
+        views = [t.unflatten(-1, (H, d)).transpose(1, 2) for t in (q, k, v)]
+        bn = default_config(d, device).block_n
+        ref = fp8_attention_reference(*views, block_n=bn, qk_int8=kw["qk"] == "int8", v_fp8=kw["pv"] == "fp8")
+        exact = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in views))
+        o1 = fp8_attention(q, k, v, layout="blhd", heads=H, **kw)  # [B,L,H*D]
+        o2 = fp8_attention(*views, layout="bhld", **kw)  # [B,H,L,D]
+        row = dict(table="attention_check", head_dim=d, mode=mode,
+                   kernel_vs_ref_blhd=rel_l2(o1.unflatten(-1, (H, d)).transpose(1, 2), ref),
+                   kernel_vs_ref_bhld=rel_l2(o2, ref), ref_vs_fp32=rel_l2(ref, exact),
+                   kernel_vs_fp32=rel_l2(o2, exact), finite=bool(torch.isfinite(o1).all()))  # fmt: skip
+        rows.append(row)
+        log.info("%s", row)
+    return rows
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--attn-tune", action="store_true", help="also sweep the FP8 attention kernel's launch configs")
+
+
+def override_for_bench(transformer_options: dict) -> dict:
+    """Make a model use this pack's FP8 attention for a model-level benchmark: sets
+    `optimized_attention_override` (ComfyUI's hook) on `transformer_options` and returns it.
+    Calls the kernel can't take (masks...) run ComfyUI's own function."""
+
+    def override(func, *args, **kwargs):
+        out = comfy_fp8_attention(*args, **{k: v for k, v in kwargs.items() if k != "_inside_attn_wrapper"})
+        return func(*args, **kwargs) if out is None else out
+
+    transformer_options["optimized_attention_override"] = override
+    return transformer_options
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quant.bench.attention", description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="bench_out")
+    add_args(p)
+    p.add_argument("--tune", dest="attn_tune", action="store_true")
+    p.add_argument("--check", dest="attn_check", action="store_true", help="kernel vs reference first")
+    p.add_argument("--no-bench", action="store_true", help="only --check/--tune")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(args, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": "python -m quant.bench.attention " + " ".join(argv or sys.argv[1:]),
+               "env": env_info(device), "default_config": str(default_config(128, device)), "rows": rows}  # fmt: skip
+    (out / "attention.json").write_text(json.dumps(payload, indent=1))
+    for r in rows:
+        print({k: v for k, v in r.items() if k != "table"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

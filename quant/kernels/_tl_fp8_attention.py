@@ -1,0 +1,172 @@
+"""Triton sources of the 8-bit attention kernels (issue 8). Imported only when a kernel runs;
+quant/kernels/fp8_attention.py holds the launcher and the explanation of the scheme."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _to_fp8(x, INTERP: tl.constexpr):
+    # x is fp32 and already within ±448. Under TRITON_INTERPRET=1 (INTERP) Triton's fp32->fp8 cast does
+    # not carry a mantissa round-up into the exponent (7.93 -> 4.0), so round to 3 mantissa bits
+    # (nearest, ties to even) by hand first; the cast of the rounded value is then exact. On the
+    # GPU the hardware cast (cvt.rn.satfinite) is already right and this costs nothing.
+    if INTERP:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFFF + ((bits >> 20) & 1)
+        bits = bits & 0xFFF00000
+        # below 2**-6 e4m3 is subnormal (steps of 2**-9), which the interpreter truncates too
+        x = tl.where(tl.abs(x) < 0.015625, tl.floor(x * 512.0 + 0.5) / 512.0, bits.to(tl.float32, bitcast=True))
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _round_bf16(x):
+    # fp32 -> nearest-even bf16 value, still fp32: the interpreter's own cast truncates
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_rows(x, QK_INT8: tl.constexpr, INTERP: tl.constexpr):
+    """Per-row symmetric quantization of an fp32 tile: (codes, scale per row)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-20)
+    if QK_INT8:
+        # round half up (floor(x + 0.5)): the reference does the same
+        codes = tl.floor(x * (127.0 / amax)[:, None] + 0.5).to(tl.int8)
+        return codes, amax / 127.0
+    else:
+        codes = _to_fp8(tl.clamp(x * (448.0 / amax)[:, None], -448.0, 448.0), INTERP)
+        return codes, amax / 448.0
+
+
+@triton.jit
+def quant_kv_kernel(
+    k_ptr, v_ptr, kmean_ptr, kbal_ptr, k8_ptr, ks_ptr, v8_ptr, vs_ptr,
+    stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    H, LK, LPAD, NBLK,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, V_FP8: tl.constexpr,
+    INTERP: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    valid = (offs_n < LK)[:, None]
+    k = tl.load(
+        k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+        mask=valid, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    mu = tl.load(kmean_ptr + pid_bh * D + offs_d)
+    bal = tl.load(kbal_ptr + pid_bh * D + offs_d)
+    k = tl.where(valid, (k - mu[None, :]) * bal[None, :], 0.0)
+    k8, ks = _quantize_rows(k, QK_INT8, INTERP)
+    # padded rows (offs_n >= LK) are written as zeros: the forward reads whole blocks
+    tl.store(k8_ptr + pid_bh * LPAD * D + offs_n[:, None] * D + offs_d[None, :], k8)
+    tl.store(ks_ptr + pid_bh * LPAD + offs_n, ks)
+    if V_FP8:
+        v = tl.load(
+            v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+            mask=valid, other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        vmax = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-20)  # [D]: per channel in this block
+        v8 = _to_fp8(tl.clamp(v * (448.0 / vmax)[None, :], -448.0, 448.0), INTERP)
+        # transposed store: [B*H, D, LPAD], tokens contiguous (the K-major operand of P·V)
+        tl.store(v8_ptr + pid_bh * D * LPAD + offs_d[:, None] * LPAD + offs_n[None, :], tl.trans(v8))
+        tl.store(vs_ptr + (pid_bh * NBLK + pid_n) * D + offs_d, vmax / 448.0)
+
+
+@triton.jit
+def _attn_block(
+    acc, l_i, m_i, q8, sq, start_n, pid_bh,
+    k8_ptr, ks_ptr, v_ptr, vs_ptr, stride_vb, stride_vh, stride_vl, b, h,
+    LK, LPAD, NBLK,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, V_FP8: tl.constexpr,
+    MASK: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    # K block loaded as [D, BLOCK_N] from the [L, D] buffer: the K-major B operand of the MMA
+    kt = tl.load(k8_ptr + pid_bh * LPAD * D + offs_n[None, :] * D + offs_d[:, None])
+    ks = tl.load(ks_ptr + pid_bh * LPAD + offs_n)
+    if QK_INT8:
+        qk_i = tl.dot(q8, kt)  # int32, |qk| <= 127*127*D < 2**22 for D <= 256
+        # int32 -> fp32 by the 1.5*2**23 trick (an integer add and a float add, both full rate)
+        qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        qk = tl.dot(q8, kt)
+    s = qk * ks[None, :]
+    if MASK:
+        s = tl.where((offs_n < LK)[None, :], s, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(s, axis=1) * sq)
+    p = tl.math.exp2(s * sq[:, None] - (m_ij - 8.8)[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if V_FP8:
+        vt = tl.load(v_ptr + pid_bh * D * LPAD + offs_d[:, None] * LPAD + offs_n[None, :])
+        pv = tl.dot(_to_fp8(p, INTERP), tl.trans(vt))
+        vs = tl.load(vs_ptr + (pid_bh * NBLK + start_n // BLOCK_N) * D + offs_d)
+        acc = acc * alpha[:, None] + pv * vs[None, :]
+    else:
+        v_ptrs = v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=(offs_n < LK)[:, None], other=0.0) if MASK else tl.load(v_ptrs)
+        acc = acc * alpha[:, None]
+        if INTERP:
+            # the interpreter's bf16 dot and fp32->bf16 cast are wrong (triton 3.8): round P to
+            # bf16 by hand (nearest even) and multiply in fp32, which is exact for bf16 values
+            acc = tl.dot(_round_bf16(p), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def attn_fwd_kernel(
+    q_ptr, qbal_ptr, k8_ptr, ks_ptr, v_ptr, vs_ptr, o_ptr,
+    stride_qb, stride_qh, stride_ql, stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    H, LQ, LK, LPAD, NBLK, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
+    V_FP8: tl.constexpr, INTERP: tl.constexpr, OUT_BF16: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = (offs_m < LQ)[:, None]
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        mask=row_ok, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    q = q * tl.load(qbal_ptr + pid_bh * D + offs_d)[None, :]  # 1/s per channel (K got s)
+    q8, sq = _quantize_rows(q, QK_INT8, INTERP)
+    sq = sq * qk_scale  # per row: Q's scale × softmax scale × log2(e)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    n_full = (LK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_block(
+            acc, l_i, m_i, q8, sq, start_n, pid_bh,
+            k8_ptr, ks_ptr, v_ptr, vs_ptr, stride_vb, stride_vh, stride_vl, b, h,
+            LK, LPAD, NBLK, D, BLOCK_N, QK_INT8, V_FP8, False, INTERP,
+        )  # fmt: skip
+    if n_full < LK:  # the one partial block, masked
+        acc, l_i, m_i = _attn_block(
+            acc, l_i, m_i, q8, sq, n_full, pid_bh,
+            k8_ptr, ks_ptr, v_ptr, vs_ptr, stride_vb, stride_vh, stride_vl, b, h,
+            LK, LPAD, NBLK, D, BLOCK_N, QK_INT8, V_FP8, True, INTERP,
+        )  # fmt: skip
+    out = acc / l_i[:, None]
+    if INTERP and OUT_BF16:
+        out = _round_bf16(out)
+    tl.store(
+        o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty), mask=row_ok,
+    )  # fmt: skip
