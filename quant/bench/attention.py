@@ -122,7 +122,7 @@ def run(args, device: torch.device) -> list[dict]:
                     out = fn(q, k, v)
                     row["rel_l2_vs_bf16_sdpa"] = round(rel_l2(out, ref), 5)
                     if kind == "gauss":  # timing on one input kind is enough
-                        ms = bench_ms(lambda fn=fn: fn(q, k, v), device)
+                        ms = bench_ms(lambda fn=fn, a=(q, k, v): fn(*a), device)
                         base_ms = ms if name == "sdpa_default_bf16" else base_ms
                         row.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
                         if base_ms:
@@ -153,8 +153,8 @@ def tune(device: torch.device, shapes=(("zimage", 30, 4352), ("wan22_5b", 24, 27
                 row = dict(table="attention_tune", model=model, qk="int8" if qk_int8 else "fp8",
                            pv="fp8" if v_fp8 else "bf16", config=str(cfg))  # fmt: skip
                 try:
-                    fn = lambda cfg=cfg, a=qk_int8, b=v_fp8: fp8_attention_triton(  # noqa: E731
-                        qh, kh, vh, out, qk_int8=a, v_fp8=b, config=cfg
+                    fn = lambda cfg=cfg, a=qk_int8, b=v_fp8, t=(qh, kh, vh, out): fp8_attention_triton(  # noqa: E731
+                        *t, qk_int8=a, v_fp8=b, config=cfg
                     )
                     fn()
                     ms = bench_ms(fn, device)
@@ -173,7 +173,8 @@ def check(device: torch.device) -> list[dict]:
     from ..attention import fp8_attention_reference
 
     rows = []
-    cases = [(128, mode) for mode in MODES] + [(d, m) for d in (64, 256) for m in ("int8qk_bf16pv", "int8qk_fp8pv")]
+    cases = [(128, mode) for mode in MODES]
+    cases += [(d, m) for d in (64, 256) for m in ("int8qk_bf16pv", "int8qk_fp8pv")]
     g = torch.Generator(device=device).manual_seed(1)
     for d, mode in cases:
         kw = MODES[mode]
@@ -197,7 +198,9 @@ def check(device: torch.device) -> list[dict]:
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--attn-tune", action="store_true", help="also sweep the FP8 attention kernel's launch configs")
+    parser.add_argument(
+        "--attn-tune", action="store_true", help="also sweep the FP8 attention kernel's launch configs"
+    )
 
 
 def override_for_bench(transformer_options: dict) -> dict:
@@ -227,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python -m quant.bench.attention " + " ".join(argv or sys.argv[1:]),
-               "env": env_info(device), "default_config": str(default_config(128, device)), "rows": rows}  # fmt: skip
+    payload = {
+        "command": "python -m quant.bench.attention " + " ".join(argv or sys.argv[1:]),
+        "env": env_info(device),
+        "default_config": str(default_config(128, device)),
+        "rows": rows,
+    }
     (out / "attention.json").write_text(json.dumps(payload, indent=1))
     for r in rows:
         print({k: v for k, v in r.items() if k != "table"})

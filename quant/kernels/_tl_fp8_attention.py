@@ -16,7 +16,8 @@ def _to_fp8(x, INTERP: tl.constexpr):
         bits = bits + 0x7FFFF + ((bits >> 20) & 1)
         bits = bits & 0xFFF00000
         # below 2**-6 e4m3 is subnormal (steps of 2**-9), which the interpreter truncates too
-        x = tl.where(tl.abs(x) < 0.015625, tl.floor(x * 512.0 + 0.5) / 512.0, bits.to(tl.float32, bitcast=True))
+        sub = tl.floor(x * 512.0 + 0.5) / 512.0
+        x = tl.where(tl.abs(x) < 0.015625, sub, bits.to(tl.float32, bitcast=True))
     return x.to(tl.float8e4nv)
 
 
@@ -114,12 +115,9 @@ def _attn_block(
         v_ptrs = v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :]
         v = tl.load(v_ptrs, mask=(offs_n < LK)[:, None], other=0.0) if MASK else tl.load(v_ptrs)
         acc = acc * alpha[:, None]
-        if INTERP:
-            # the interpreter's bf16 dot and fp32->bf16 cast are wrong (triton 3.8): round P to
-            # bf16 by hand (nearest even) and multiply in fp32, which is exact for bf16 values
-            acc = tl.dot(_round_bf16(p), v.to(tl.float32), acc)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        # INTERP: the interpreter's bf16 dot and fp32->bf16 cast are wrong (triton 3.8): round P
+        # to bf16 by hand (nearest even) and multiply in fp32, which is exact for bf16 values
+        acc = tl.dot(_round_bf16(p), v.to(tl.float32), acc) if INTERP else tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
 
 
