@@ -33,7 +33,7 @@ ROUTE = "/onlinequant/plan"
 MAX_HEADER_BYTES = 8 * 1024 * 1024  # a 30 GB Wan 14B header is ~150 KB; more is not a model
 MAX_IGNORE_CHARS = 64 * 1024
 MAX_CONCURRENT = 2  # header parses running at once
-MAX_WAITING = 16  # requests queued behind them before we answer 429
+MAX_WAITING = 64  # requests queued behind them before 429 (32 concurrent previews must all answer; issue 6)
 CACHE_ENTRIES = 16
 DEFAULT_MIN_OUT = 256
 MAX_MIN_OUT = 1 << 20
@@ -101,9 +101,10 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
     try:
         header = read_header(path, max_header_bytes=MAX_HEADER_BYTES)
     except HeaderTooLargeError as e:
-        raise RouteError(413, f"{name}: {e}") from None
+        raise RouteError(413, f"{name}: {getattr(e, 'reason', e)}") from None
     except CheckpointError as e:
-        raise RouteError(422, f"{name}: {e}") from None
+        # e.reason is the message without the server-side path (never echo paths to the page)
+        raise RouteError(422, f"{name}: {getattr(e, 'reason', e)}") from None
     shapes = header.shapes()
     layers = tuple(linears_from_shapes(shapes))
     family = detect_family(list(shapes), shapes)

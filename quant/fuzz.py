@@ -169,7 +169,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
             return bytes(b[: rng.randrange(len(b) + 1)])
         return bytes(b) + b"\0" * rng.randint(1, 9)
     if op == 5:  # forge the length field
-        n = rng.choice([0, 1, 7, 100_000_001, 2**64 - 1, len(b), len(b) - 8, rng.getrandbits(32)])
+        n = rng.choice([0, 1, 7, 100_000_001, 2**64 - 1, len(b), max(0, len(b) - 8), rng.getrandbits(32)])
         return struct.pack("<Q", n) + bytes(b[8:])
     if op == 6:  # splice random bytes into the header
         i = rng.randrange(8, max(9, len(b)))

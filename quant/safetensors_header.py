@@ -19,11 +19,15 @@ echo server paths.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import os
+import re
 import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -91,7 +95,7 @@ _TORCH_DTYPES: dict[str, str] = {
 _READ_CHUNK = 64 << 20  # bytes per readinto call: bounded syscalls, no giant temporary
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of the header. `start`/`end` are byte offsets relative to the data section."""
 
@@ -179,7 +183,11 @@ def _sniff(head: bytes) -> str | None:
             "is a GGUF file renamed to .safetensors: load it with a GGUF loader (e.g. ComfyUI-GGUF); "
             "this loader quantizes ordinary bf16/fp16 .safetensors files"
         )
-    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+    # Pickle: PROTO opcode 0x80, protocol 2-5, then an opcode (never 0x00). A safetensors length
+    # field of 0x0280-0x05ff bytes would also start 80 0x, but its third byte is 0.
+    if head.startswith(b"PK\x03\x04") or (
+        len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0
+    ):
         return (
             "is a PyTorch pickle checkpoint (.ckpt/.pt/.bin) renamed to .safetensors; this pack never "
             "unpickles files (unpickling can run code): use the model's .safetensors release, or "
@@ -210,6 +218,9 @@ class _BadNumber:
         return self.text
 
 
+_objects_parsed = itertools.count()
+
+
 class _HeaderJSONError(ValueError):
     pass
 
@@ -233,6 +244,11 @@ def _parse_constant(text: str) -> None:
 
 
 def _object_pairs(pairs: list[tuple[str, object]]) -> dict:
+    if next(_objects_parsed) % 64 == 0:
+        # The C JSON scanner keeps the GIL through a whole header; a 8 MB header parsed in a
+        # worker thread froze ComfyUI's event loop for ~1 s. Yielding every 64 objects
+        # bounds that to a few ms (measured in tests/test_bad_inputs.py).
+        time.sleep(0)
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
@@ -307,49 +323,115 @@ def _parse_entries(path: str, obj: object) -> tuple[list[TensorEntry], dict[str,
     metadata: dict[str, str] = {}
     entries: list[TensorEntry] = []
     for name, info in obj.items():
-        _check_str(path, "key", name)
         if name == "__metadata__":
-            if info is None:
-                continue
-            if not isinstance(info, dict):
-                raise _fail(path, "__metadata__ must map strings to strings, got " + _describe_bad(info))
-            for k, v in info.items():
-                _check_str(path, "__metadata__ key", k)
-                if not isinstance(v, str):
-                    raise _fail(
-                        path, f"__metadata__ value of {_short(k)} must be a string, got {_describe_bad(v)}"
-                    )
-                _check_str(path, f"__metadata__ value of {_short(k)}:", v)
-            metadata = dict(info)
-            continue
-        tname = _short(name)
-        if not isinstance(info, dict):
-            raise _fail(path, f"tensor {tname}: entry must be an object, got {_describe_bad(info)}")
-        for field in ("dtype", "shape", "data_offsets"):
-            if field not in info:
-                raise _fail(path, f"tensor {tname}: missing field {field!r}")
-        dtype = info["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            shown = _short(dtype) if isinstance(dtype, str) else _describe_bad(dtype)
+            _check_str(path, "key", name)
+            metadata = _metadata_from(path, info)
+        else:
+            entries.append(_entry_from(path, name, info))
+    return entries, metadata
+
+
+def _metadata_from(path: str, info: object) -> dict[str, str]:
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise _fail(path, "__metadata__ must map strings to strings, got " + _describe_bad(info))
+    for k, v in info.items():
+        _check_str(path, "__metadata__ key", k)
+        if not isinstance(v, str):
+            raise _fail(path, f"__metadata__ value of {_short(k)} must be a string, got {_describe_bad(v)}")
+        _check_str(path, f"__metadata__ value of {_short(k)}:", v)
+    return dict(info)
+
+
+def _entry_from(path: str, name: str, info: object) -> TensorEntry:
+    _check_str(path, "key", name)
+    tname = _short(name)
+    if not isinstance(info, dict):
+        raise _fail(path, f"tensor {tname}: entry must be an object, got {_describe_bad(info)}")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise _fail(path, f"tensor {tname}: missing field {field!r}")
+    dtype = info["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        shown = _short(dtype) if isinstance(dtype, str) else _describe_bad(dtype)
+        raise _fail(path, f"tensor {tname}: unknown dtype {shown} (known: {', '.join(DTYPE_BITS)})")
+    shape = info["shape"]
+    if not isinstance(shape, list):
+        raise _fail(path, f"tensor {tname}: shape must be a list of integers, got {_describe_bad(shape)}")
+    for d in shape:
+        if not _u64(d):
             raise _fail(
-                path, f"tensor {tname}: unknown dtype {shown} (known: {', '.join(DTYPE_BITS)})"
+                path, f"tensor {tname}: shape {_describe_shape(shape)} has a dimension that is not "
+                f"a non-negative integer: {_describe_bad(d)}"
             )
-        shape = info["shape"]
-        if not isinstance(shape, list):
-            raise _fail(path, f"tensor {tname}: shape must be a list of integers, got {_describe_bad(shape)}")
-        for d in shape:
-            if not _u64(d):
-                raise _fail(
-                    path, f"tensor {tname}: shape {_describe_shape(shape)} has a dimension that is not "
-                    f"a non-negative integer: {_describe_bad(d)}"
-                )
-        offsets = info["data_offsets"]
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
-            raise _fail(
-                path, f"tensor {tname}: data_offsets must be two non-negative integers [start, end], "
-                f"got {_describe_shape(offsets) if isinstance(offsets, list) else _describe_bad(offsets)}"
-            )
-        entries.append(TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1]))
+    offsets = info["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+        raise _fail(
+            path, f"tensor {tname}: data_offsets must be two non-negative integers [start, end], "
+            f"got {_describe_shape(offsets) if isinstance(offsets, list) else _describe_bad(offsets)}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace, as the json module defines it
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_object_pairs,
+    parse_int=_parse_int,
+    parse_float=_parse_float,
+    parse_constant=_parse_constant,
+)
+
+
+def _stream_entries(path: str, text: str) -> tuple[list[TensorEntry], dict[str, str]] | None:
+    """Fast path for valid headers: decode the top-level object one entry at a time and turn each
+    into a TensorEntry at once, so a 70,000-tensor header leaves ~2 objects per tensor instead of
+    ~7 for the garbage collector (its full collections, not the parse, froze ComfyUI's event loop
+    for 0.2-1 s), and yield the GIL every 64 entries. Returns None at the first irregularity of
+    any kind; the caller then parses the whole text with json.loads, which gives the precise error.
+    """
+    end = len(text)
+    i = _WS.match(text, 0).end()
+    if i >= end or text[i] != "{":
+        return None
+    i = _WS.match(text, i + 1).end()
+    entries: list[TensorEntry] = []
+    metadata: dict[str, str] = {}
+    seen: set[str] = set()
+    try:
+        if i < end and text[i] == "}":
+            i += 1
+        else:
+            while True:
+                if i >= end or text[i] != '"':
+                    return None
+                name, i = json.decoder.scanstring(text, i + 1, True)
+                i = _WS.match(text, i).end()
+                if i >= end or text[i] != ":":
+                    return None
+                i = _WS.match(text, i + 1).end()
+                info, i = _DECODER.raw_decode(text, i)
+                if name in seen:
+                    return None
+                seen.add(name)
+                if name == "__metadata__":
+                    metadata = _metadata_from(path, info)
+                else:
+                    entries.append(_entry_from(path, name, info))
+                    if len(entries) % 64 == 0:
+                        time.sleep(0)  # let ComfyUI's event loop thread run (the GIL)
+                i = _WS.match(text, i).end()
+                if i < end and text[i] == ",":
+                    i = _WS.match(text, i + 1).end()
+                    continue
+                if i < end and text[i] == "}":
+                    i += 1
+                    break
+                return None
+    except (ValueError, RecursionError, CheckpointError):  # JSONDecodeError, _HeaderJSONError
+        return None
+    if _WS.match(text, i).end() != end:
+        return None
     return entries, metadata
 
 
@@ -500,10 +582,21 @@ def _read_header_from(f, path: str, size: int, max_header_bytes: int) -> Safeten
     raw = _pread_exact(f, 8, n)
     if len(raw) < n:
         raise _fail(path, "file shrank while its header was being read (it is being written or truncated)")
+    fast = None
+    with contextlib.suppress(UnicodeDecodeError):  # _decode_json below names the byte
+        fast = _stream_entries(path, raw.decode("utf-8"))
+    if fast is not None:
+        entries, metadata = fast
+        entries = _validate_layout(path, entries, size - 8 - n)
+        return SafetensorsHeader(
+            path=path, tensors={e.name: e for e in entries}, metadata=metadata, header_len=n, file_size=size
+        )
     try:
         obj = _decode_json(path, raw)
     except CheckpointError:
-        what = _sniff(_pread_exact(f, 0, min(size, _SNIFF_BYTES)))
+        # A header that starts like JSON is a (broken) safetensors header: keep the precise error.
+        looks_json = raw.lstrip(b" \t\r\n")[:1] == b"{"
+        what = None if looks_json else _sniff(_pread_exact(f, 0, min(size, _SNIFF_BYTES)))
         if what:
             raise _fail(path, what) from None
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import time
 import zipfile
 
@@ -335,3 +336,196 @@ def test_forced_missing_backend_names_the_package():
             assert f"install {b.package}" in str(ei.value) and repr(b.name) in str(ei.value)
             tried += 1
     assert tried >= 1
+
+
+# --- the web route: names, caps, concurrency (engineer F's nodes/routes.py) ---------------------
+
+
+@pytest.fixture
+def route_env(pack, tmp_path, monkeypatch):
+    import importlib
+
+    import folder_paths
+    from helpers_sparse import write_sparse_safetensors
+
+    d = tmp_path / "diffusion_models"
+    d.mkdir()
+    write_sparse_safetensors(d / "wan.safetensors", {"blocks.0.ffn.0.weight": (512, 256)})
+    (d / "broken.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{\"a\": [1, 2}    ")
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    write_sparse_safetensors(outside / "x.safetensors", {"blocks.0.ffn.0.weight": (512, 256)})
+    exts = folder_paths.supported_pt_extensions
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(d)], exts))
+    folder_paths.filename_list_cache.clear()
+    routes = importlib.import_module(f"{pack.__name__}.nodes.routes")
+    with routes._cache_lock:
+        routes._cache.clear()
+    yield routes, d
+    folder_paths.filename_list_cache.clear()
+
+
+def _serve(routes, fn):
+    """Run `fn(client)` against the route in a real aiohttp server; returns its result."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def go():
+        table = web.RouteTableDef()
+        routes.register_routes(table)
+        app = web.Application()
+        app.add_routes(table)
+        async with TestClient(TestServer(app)) as client:
+            return await fn(client)
+
+    return asyncio.run(go())
+
+
+def _get_raw(routes, raw_query: str):
+    async def fn(client):
+        r = await client.get(routes.ROUTE + "?" + raw_query)
+        return r.status, r.content_type, await r.text()
+
+    return _serve(routes, fn)
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize(
+    "raw_query",
+    [
+        "model=%2e%2e%2fwan.safetensors",
+        "model=%2e%2e/secret/x.safetensors",
+        "model=%252e%252e%252fsecret%252fx.safetensors",
+        "model=..%5Csecret%5Cx.safetensors",
+        "model=C:%5CWindows%5Cwin.ini",
+        "model=%5C%5Cserver%5Cshare%5Cx.safetensors",
+        "model=//server/share/x.safetensors",
+        "model=wan.safetensors%00.txt",
+        "model=%00",
+        "model=/etc/passwd",
+        "model=file:///etc/passwd",
+        "model=loras/wan.safetensors",
+        "model=checkpoints%2Fwan.safetensors",
+    ],
+)
+def test_route_refuses_anything_but_listed_names(route_env, raw_query):
+    routes, d = route_env
+    status, ctype, text = _get_raw(routes, raw_query)
+    assert 400 <= status < 500 and ctype == "application/json", (status, text)
+    body = json.loads(text)
+    assert "error" in body and str(d.parent) not in text  # no server path echoed
+
+
+@pytest.mark.comfyui
+def test_route_broken_file_is_422_without_server_paths(route_env):
+    routes, d = route_env
+    status, _, text = _get_raw(routes, "model=broken.safetensors")
+    body = json.loads(text)
+    assert status == 422 and body["error"].startswith("broken.safetensors: header")
+    assert str(d) not in text
+
+
+@pytest.mark.comfyui
+def test_route_file_strings_reach_the_page_as_json_text(route_env):
+    """A tensor name with markup comes back as a JSON string (the page must set textContent)."""
+    routes, d = route_env
+    from helpers_sparse import write_sparse_safetensors
+
+    bad_name = "blocks.0.<img src=x onerror=alert(1)>.weight"
+    write_sparse_safetensors(d / "xss.safetensors", {bad_name: (512, 256)})
+    status, ctype, text = _get_raw(routes, "model=xss.safetensors&format=fp8_e4m3fn&ignore=")
+    assert status == 200 and ctype == "application/json"
+    names = [d_["name"] for d_ in json.loads(text)["decisions"]]
+    assert names == ["blocks.0.<img src=x onerror=alert(1)>"]
+
+
+def _big_header_file(path, entries: int, pad_to: int = 0) -> int:
+    """A file whose header has `entries` small tensors (+ one Linear); returns the header length."""
+    header = {"blocks.0.ffn.0.weight": {"dtype": "BF16", "shape": [512, 256], "data_offsets": [0, 262144]}}
+    pos = 262144
+    for i in range(entries):
+        header[f"blocks.{i}.norm.bias.with.a.long.name.{i:08d}"] = {
+            "dtype": "F32", "shape": [1], "data_offsets": [pos, pos + 4]}
+        pos += 4
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * max(0, pad_to - len(raw))
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + pos)
+    return len(raw)
+
+
+def _concurrent_previews(routes, queries, cheap_query):
+    """Serial answers, then the same queries all at once with a cheap request and a loop-stall probe."""
+    import asyncio
+
+    async def fn(client):
+        async def one(q):
+            r = await client.get(routes.ROUTE, params=q)
+            return r.status, await r.json(), time.perf_counter()
+
+        serial = []
+        for q in queries[:1]:
+            with routes._cache_lock:
+                routes._cache.clear()
+            serial.append(await one(q))
+        with routes._cache_lock:
+            routes._cache.clear()
+        stalls = []
+        stop = False
+
+        async def probe():
+            last = time.perf_counter()
+            while not stop:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                stalls.append(now - last - 0.005)
+                last = now
+
+        ticker = asyncio.create_task(probe())
+        tasks = [asyncio.create_task(one(q)) for q in queries]
+        await asyncio.sleep(0)
+        cheap = await one(cheap_query)
+        results = await asyncio.gather(*tasks)
+        stop = True
+        await ticker
+        return serial, results, cheap, max(stalls) if stalls else 0.0
+
+    return _serve(routes, fn)
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_32_concurrent_previews_of_a_17mb_header(route_env, capsys):
+    """17 MB header: above the preview cap, refused from its length field alone (413), 32 times."""
+    routes, d = route_env
+    n = _big_header_file(d / "big17.safetensors", 1000, pad_to=17 * 10**6)
+    assert n >= 17 * 10**6
+    q = {"model": "big17.safetensors", "format": "fp8_e4m3fn"}
+    serial, results, cheap, stall = _concurrent_previews(routes, [q] * 32, {"model": ""})
+    assert serial[0][0] == 413 and "header is" in serial[0][1]["error"]
+    assert all((s, b) == serial[0][:2] for s, b, _ in results)
+    assert cheap[0] == 400
+    with capsys.disabled():
+        print(f"\n[issue 6] 32 concurrent previews, 17 MB header (413): "
+              f"max event-loop stall {stall * 1000:.1f} ms")
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+def test_32_concurrent_previews_of_a_header_just_under_the_cap(route_env, capsys):
+    """~7 MB header that is really parsed: same answers as serial, cheap request served meanwhile."""
+    routes, d = route_env
+    n = _big_header_file(d / "big7.safetensors", 70_000)
+    assert 5 * 2**20 < n < routes.MAX_HEADER_BYTES
+    q = {"model": "big7.safetensors", "format": "fp8_e4m3fn", "ignore": ""}
+    serial, results, cheap, stall = _concurrent_previews(routes, [q] * 32, {"model": ""})
+    assert serial[0][0] == 200 and serial[0][1]["counts"]["layers"] == 1
+    assert all((s, b) == serial[0][:2] for s, b, _ in results)
+    # the cheap request was answered while previews were still being computed
+    assert cheap[0] == 400 and cheap[2] < max(t for _, _, t in results)
+    with capsys.disabled():
+        print(f"\n[issue 6] 32 concurrent previews, {n / 1e6:.1f} MB header ({70_001} tensors): "
+              f"max event-loop stall {stall * 1000:.1f} ms")
