@@ -221,35 +221,9 @@ def compact_names(names: Sequence[str]) -> list[str]:
 
 
 def _get_format(name: str):
-    try:
-        from .formats import get_format
-    except ImportError:  # TEMPORARY until quant/formats.py (engineer A) lands
-        return _fallback_format(name)
+    from .formats import get_format  # lazy: selection works on names/shapes alone
+
     return get_format(name)
-
-
-@dataclass(frozen=True)
-class _FallbackFormat:
-    name: str
-    bits_per_weight: float
-    min_in_multiple: int
-
-    def packed_nbytes(self, out_features: int, in_features: int) -> int:
-        if self.name == "mxfp4":
-            return out_features * in_features // 2 + out_features * (in_features // 32)
-        return out_features * in_features + 4 * out_features
-
-    def unsupported_reason(self, out_features: int, in_features: int) -> str | None:
-        if in_features % self.min_in_multiple:
-            return f"in_features {in_features} is not a multiple of {self.min_in_multiple}"
-        return None
-
-
-def _fallback_format(name: str) -> _FallbackFormat:
-    table = {"fp8_e4m3fn": (8.0, 1), "fp8_e4m3fnuz": (8.0, 1), "mxfp4": (4.25, 32)}
-    if name not in table:
-        raise ValueError(f"unknown format {name!r}; known: {', '.join(table)}")
-    return _FallbackFormat(name, *table[name])
 
 
 # --- plan ----------------------------------------------------------------------------------------
