@@ -6,7 +6,8 @@ quant/families.py.
 Rules, in order, for each Linear layer (first that applies decides):
 1. an ignore pattern matches the layer (directly, through an alias such as sglang's ``w13``, or
    through all parts of a fused layer) -> kept; source "default" when the text is the family's
-   default (``ignore_text=None``), else "pattern";
+   default (``ignore_text=None``) or the deciding pattern is one of the family's default lines,
+   else "pattern";
 2. ``out_features < min_out_features`` -> kept, source "size";
 3. the format cannot take the shape (``format.unsupported_reason``) -> kept, source "format";
 4. otherwise quantized, source "eligible".
@@ -263,6 +264,9 @@ def build_plan(
     text = default_ignore_text(family, names) if from_defaults else ignore_text
     patterns = parse_patterns(text)
     ps = PatternSet(patterns)
+    # A line of the family's default list keeps source "default" even inside a user's text (the
+    # loader shows the defaults and users append to them), so reports can tell the two apart.
+    default_patterns = {r.pattern for r in fam.ignore}
     used: set[int] = set()
 
     def match_aliases(name: str) -> tuple[list[int], dict[int, str]]:
@@ -306,7 +310,7 @@ def build_plan(
                     li.in_features,
                     False,
                     f"ignored by pattern {p.where()}{how}{fused_note}{why}",
-                    "default" if from_defaults else "pattern",
+                    "default" if from_defaults or p.text in default_patterns else "pattern",
                     p.text,
                     p.line,
                 )

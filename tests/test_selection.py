@@ -97,8 +97,8 @@ def test_pattern_decision_names_pattern_and_line():
 
 
 def test_pattern_beats_size_rule():
-    d = build_plan(SMALL, "mxfp4", "final_layer", family="zimage").decision("final_layer.linear")
-    assert d.source == "pattern"
+    d = build_plan(SMALL, "mxfp4", "final_layer.linear", family="zimage").decision("final_layer.linear")
+    assert d.source == "pattern" and d.pattern == "final_layer.linear"
 
 
 def test_unmatched_patterns_warn():
@@ -256,3 +256,13 @@ def test_compact_names():
 def test_auto_family_from_reference_shapes():
     layers = linears_from_shapes(reference_shapes("wan22_5b"))
     assert build_plan(layers, "mxfp4", None, family="auto").family == "wan22_5b"
+
+
+def test_default_lines_inside_user_text_keep_source_default():
+    from quant.families import default_ignore_text
+
+    text = default_ignore_text("zimage") + "w2  # mine\n"
+    plan = build_plan(Z, "fp8_e4m3fn", text, family="zimage")
+    assert plan.decision("x_embedder").source == "default"
+    assert plan.decision("layers.3.feed_forward.w2").source == "pattern"
+    assert plan.warnings == []
