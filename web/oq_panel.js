@@ -71,6 +71,8 @@ export function findWidget(node, name) {
 }
 
 const panels = new WeakMap();
+const MIN_PANEL_HEIGHT = 60;
+const MAX_PANEL_HEIGHT = 520;
 
 /**
  * The node's info panel, created on first use: a non-serialized DOM widget with two sections,
@@ -85,11 +87,13 @@ export function ensurePanel(node) {
   const root = el("div", { class: "oq-panel", "data-testid": "onlinequant-panel" }, preview, report);
   // Stop wheel events from zooming the canvas while the user scrolls the layer list.
   root.addEventListener("wheel", (e) => e.stopPropagation(), { passive: true });
+  // Height follows the content (the layer list scrolls inside its own box).
+  const contentHeight = () => Math.min(MAX_PANEL_HEIGHT, Math.max(MIN_PANEL_HEIGHT, root.scrollHeight + 4));
   const widget = node.addDOMWidget("onlinequant_info", "onlinequant_info", root, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => 120,
-    getMaxHeight: () => 480,
+    getMinHeight: contentHeight,
+    getMaxHeight: () => MAX_PANEL_HEIGHT,
   });
   widget.serialize = false; // keep it out of widgets_values (saved workflows) and the prompt
   p = { root, preview, report, widget };
@@ -99,13 +103,17 @@ export function ensurePanel(node) {
 
 /** Ask the canvas to redraw/resize after panel content changed. */
 export function relayout(node) {
-  try {
-    const min = node.computeSize?.();
-    if (min && node.size && node.size[1] < min[1]) node.setSize([node.size[0], min[1]]);
-    node.setDirtyCanvas?.(true, true);
-  } catch {
-    // layout is cosmetic: never break the editor over it
-  }
+  // After the browser laid out the new content: grow the node to fit it (never shrink what the
+  // user sized by hand).
+  requestAnimationFrame(() => {
+    try {
+      const min = node.computeSize?.();
+      if (min && node.size && node.size[1] < min[1]) node.setSize([node.size[0], min[1]]);
+      node.setDirtyCanvas?.(true, true);
+    } catch {
+      // layout is cosmetic: never break the editor over it
+    }
+  });
 }
 
 /** Chain a per-instance callback (not the prototype): `fn` runs after the original. */

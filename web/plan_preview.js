@@ -33,7 +33,7 @@ function renderLayers(box, layers) {
   box.replaceChildren();
   for (const l of layers.slice(0, MAX_ROWS)) {
     const mark = l.quantize ? "Q" : "-";
-    const why = l.quantize ? "" : `  (${l.source}${l.reason ? ": " + l.reason : ""})`;
+    const why = l.quantize ? "" : `: ${l.reason || l.source}`;
     const shape = `${l.out_features}x${l.in_features}`;
     box.appendChild(el("div", { class: `oq-row ${l.quantize ? "oq-q" : "oq-k"}` }, `${mark} ${l.name}  ${shape}${why}`));
   }
