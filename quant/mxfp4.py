@@ -19,6 +19,8 @@ Everything is computed with int32 views of fp32 values, vectorised, in row chunk
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .constants import (
@@ -40,6 +42,8 @@ ROUNDING_MODES = ("even", "floor", "ceil")
 _CHUNK_ELEMS = 1 << 20
 
 _MANT_MASK = 0x007FFFFF
+_NATIVE = (torch.float32, torch.bfloat16, torch.float16)  # dtypes quantized without an fp32 copy
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _ABS_MASK = 0x7FFFFFFF
 
 
@@ -107,21 +111,71 @@ def _round_e2m1(y: torch.Tensor, ties_away: bool) -> torch.Tensor:
     return code | sign
 
 
-def _quantize_rows(x: torch.Tensor, rounding: str, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: fp32 [R, K] contiguous -> (codes uint8 [R, K//2], scales uint8 [R, K//32])."""
+def _lut_index(y: torch.Tensor, ties_away: bool) -> torch.Tensor:
+    """Index of each fp32 y into its code table. Round-half-away needs only the top 16 bits
+    (sign, exponent, mantissa bit, half bit are bits 31..21); ties-to-even also needs the sticky
+    bit (any of bits 20..0 set)."""
+    bits = y.view(torch.int32)
+    if ties_away:
+        return (bits >> 16).bitwise_and_(0xFFFF)
+    idx = (bits >> 20).bitwise_and_(0xFFE)
+    return idx.bitwise_or_((bits & 0x1FFFFF) != 0)
+
+
+_LUTS: dict[tuple[str, bool], torch.Tensor] = {}
+
+
+def _code_table(device: torch.device, ties_away: bool) -> torch.Tensor:
+    """E2M1 code of every _lut_index value, made by _round_e2m1 itself from one representative
+    bit pattern per index (so the fast path cannot disagree with the definition)."""
+    key = (str(device), ties_away)
+    lut = _LUTS.get(key)
+    if lut is None:
+        i = torch.arange(65536 if ties_away else 4096, dtype=torch.int64)
+        rep = (i << 16) if ties_away else (((i >> 1) << 21) | (i & 1))
+        rep = torch.where(rep >= 1 << 31, rep - (1 << 32), rep).to(torch.int32)  # sign bit
+        lut = _round_e2m1(rep.view(torch.float32), ties_away).to(device)
+        _LUTS[key] = lut
+    return lut
+
+
+def _encode_even(y: torch.Tensor, out: torch.Tensor) -> None:
+    """Round-half-away codes of fp32 y [R, K], packed into out [R, K//2] in few memory passes:
+    the high 16 bits of each fp32 (a free uint16 view; little-endian: odd uint16 slots) index a
+    64 Ki-entry code table, even elements into low nibbles and odd ones into high nibbles."""
+    r, k = y.shape
+    lut = _code_table(y.device, True)
+    halves = y.view(torch.uint16)  # [R, 2K]
+    lo = lut.index_select(0, halves[:, 1::4].to(torch.int32).reshape(-1))  # elements 0, 2, 4, ...
+    hi = lut.index_select(0, halves[:, 3::4].to(torch.int32).reshape(-1))  # elements 1, 3, 5, ...
+    torch.bitwise_or(lo.view(r, k // 2), hi.view(r, k // 2).bitwise_left_shift_(4), out=out)
+
+
+def _quantize_rows(
+    x: torch.Tensor, rounding: str, check_finite: bool, codes_out: torch.Tensor, scales_out: torch.Tensor
+) -> None:
+    """x: float [R, K] contiguous (bf16/fp16/fp32) -> codes_out uint8 [R, K//2], scales_out [R, K//32]."""
     r, k = x.shape
     blocks = x.view(r, k // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
-    amax = blocks.abs().amax(dim=-1)  # NaN and Inf propagate into amax: one cheap check
+    lo, hi = torch.aminmax(blocks, dim=-1)  # NaN and Inf propagate into amax: one cheap check
+    amax = torch.maximum(hi.float(), lo.float().neg_())
+    amax = (amax.view(torch.int32) & _ABS_MASK).view(torch.float32)  # -0.0 -> +0.0
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeightError("weight contains NaN or Inf values; MXFP4 cannot quantize it")
     e = _block_exponent(amax, rounding)
-    y = blocks * _pow2(-e).unsqueeze(-1)  # exact: a power-of-two scaling (see _pow2)
-    codes = _round_e2m1(y, ties_away=(rounding == "even")).view(r, k)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # even element -> low nibble
+    # Exact: a power-of-two scaling, computed in fp32 (bf16/fp16 blocks promote in the multiply).
+    y = (blocks * _pow2(-e).unsqueeze(-1)).view(r, k)
+    if rounding == "even" and _LITTLE_ENDIAN:
+        _encode_even(y, codes_out)
+    else:
+        ties_away = rounding == "even"
+        codes = _code_table(x.device, ties_away).index_select(0, _lut_index(y, ties_away).view(-1))
+        codes = codes.view(r, k)
+        torch.bitwise_or(codes[:, 0::2], codes[:, 1::2] << 4, out=codes_out)  # even -> low nibble
     scales = (e + E8M0_BIAS).to(torch.uint8)
     if not check_finite:  # activations: a block holding NaN/Inf gets the E8M0 NaN scale (0xFF)
         scales.masked_fill_(~torch.isfinite(amax), E8M0_NAN)
-    return packed, scales
+    scales_out.copy_(scales)
 
 
 def quantize(
@@ -145,8 +199,9 @@ def quantize(
     scales = torch.empty((n_rows, k // MX_BLOCK_SIZE), dtype=torch.uint8, device=w.device)
     step = max(1, _CHUNK_ELEMS // k)
     for i in range(0, n_rows, step):
-        chunk = rows[i : i + step].to(torch.float32).contiguous()
-        codes[i : i + step], scales[i : i + step] = _quantize_rows(chunk, rounding, check_finite)
+        chunk = rows[i : i + step]
+        chunk = chunk.contiguous() if chunk.dtype in _NATIVE else chunk.to(torch.float32).contiguous()
+        _quantize_rows(chunk, rounding, check_finite, codes[i : i + step], scales[i : i + step])
     return codes.view(*lead, k // 2), scales.view(*lead, k // MX_BLOCK_SIZE)
 
 
@@ -158,12 +213,18 @@ def _scale_table(device: torch.device) -> torch.Tensor:
     return t
 
 
-def _dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, lut: torch.Tensor, stable: torch.Tensor):
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """fp32 [256, 2]: the (even, odd) element values of every packed byte (low nibble first)."""
+    b = torch.arange(256)
+    vals = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return torch.stack((vals[b & 0xF], vals[b >> 4]), dim=1).to(device)
+
+
+def _dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, stable: torch.Tensor):
     r, half = codes.shape
-    c = codes.to(torch.int64)
-    idx = torch.stack((c & 0xF, c >> 4), dim=-1).view(r, half * 2)  # low nibble first
-    vals = lut[idx].view(r, -1, MX_BLOCK_SIZE)
-    return (vals * stable[scales.to(torch.int64)].unsqueeze(-1)).view(r, half * 2)
+    vals = table.index_select(0, codes.reshape(-1).to(torch.int32)).view(r, -1, MX_BLOCK_SIZE)
+    block_scale = stable.index_select(0, scales.reshape(-1).to(torch.int32)).view(r, -1, 1)
+    return vals.mul_(block_scale).view(r, half * 2)
 
 
 def dequantize(
@@ -184,12 +245,12 @@ def dequantize(
     lead = codes.shape[:-1]
     c2 = codes.reshape(-1, k // 2)
     s2 = scales.reshape(-1, k // MX_BLOCK_SIZE)
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    table = _byte_table(codes.device)
     stable = _scale_table(codes.device)
     out = torch.empty((c2.shape[0], k), dtype=dtype, device=codes.device)
     step = max(1, _CHUNK_ELEMS // k)
     for i in range(0, c2.shape[0], step):
-        out[i : i + step] = _dequantize_rows(c2[i : i + step], s2[i : i + step], lut, stable)
+        out[i : i + step] = _dequantize_rows(c2[i : i + step], s2[i : i + step], table, stable)
     return out.view(*lead, k)
 
 

@@ -210,3 +210,25 @@ def test_e8m0_nan_scale_dequantizes_to_nan():
     codes = torch.full((1, 16), 0x22, dtype=torch.uint8)
     scales = torch.tensor([[0xFF]], dtype=torch.uint8)
     assert mxfp4.dequantize(codes, scales, torch.float32).isnan().all()
+
+
+def test_fast_tables_agree_with_the_bit_definition():
+    """The 64 Ki / 4 Ki code tables used by quantize reproduce _round_e2m1 on any finite fp32."""
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=g, dtype=torch.int32)
+    y = bits.view(torch.float32)
+    y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 1e30, 1e-30])
+    y = torch.cat([y, ties, -ties, y * 2.0**-100])
+    for ties_away in (True, False):
+        fast = mxfp4._code_table(y.device, ties_away).index_select(0, mxfp4._lut_index(y, ties_away))
+        assert torch.equal(fast, mxfp4._round_e2m1(y, ties_away))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtypes_match_fp32(dtype):
+    w = torch.randn(8, 64).to(dtype)
+    for rounding in mxfp4.ROUNDING_MODES:
+        a = mxfp4.quantize(w, rounding)
+        b = mxfp4.quantize(w.float(), rounding)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
