@@ -19,10 +19,12 @@ def round_to_e4m3(v, FNUZ: tl.constexpr):
     if FNUZ:
         # e4m3fnuz (bias 8): subnormals are multiples of 2**-10, normals start at 2**-7.
         sub = (v + 12288.0) - 12288.0
+        sub = tl.where(sub == 0.0, v * 0.0, sub)  # keep the sign of values that round to zero
         return tl.where(tl.abs(v) < 0.0078125, sub, normal)
     else:
         # e4m3fn: subnormals are multiples of 2**-9 (adding 1.5 * 2**14 puts the ulp there, RNE).
         sub = (v + 24576.0) - 24576.0
+        sub = tl.where(sub == 0.0, v * 0.0, sub)  # keep the sign of values that round to zero
         return tl.where(tl.abs(v) < 0.015625, sub, normal)
 
 

@@ -29,6 +29,10 @@ def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
     return w_scale.float().reshape(-1, 1).expand(n, 1).reshape(1, n).contiguous()
 
 
+# Hopper FP8 fast accumulation for the row-wise GEMM: chosen by measurement (.dev/notes/D.md).
+FAST_ACCUM = False
+
+
 # ---------------------------------------------------------------- row-wise: quant kernel + _scaled_mm
 def fp8_linear_rowwise_reference(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -44,10 +48,11 @@ def fp8_linear_rowwise_reference(
 
 def fp8_linear_rowwise(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, fast_accum: bool | None = None,
 ) -> torch.Tensor:
     """x [..., K] -> [..., N]. Needs `torch._scaled_mm` with row-wise scales (CUDA sm_89+, ROCm
-    gfx942/950); `_scaled_mm` also needs K and N multiples of 16."""
+    gfx942/950); `_scaled_mm` also needs K and N multiples of 16. `fast_accum` lets Hopper's FP8
+    tensor cores accumulate without the periodic fp32 promotion (faster; default FAST_ACCUM)."""
     out_dtype = out_dtype or x.dtype
     n, k = w_q.shape
     q, s = quantize_fp8_per_token(_flat(x), w_q.dtype)
@@ -55,7 +60,7 @@ def fp8_linear_rowwise(
     mm_dtype = torch.bfloat16
     b = None if bias is None else bias.to(mm_dtype)
     y = torch._scaled_mm(q, w_q.t(), scale_a=s, scale_b=_w_scale_row(w_scale, n), bias=b,
-                         out_dtype=mm_dtype)
+                         out_dtype=mm_dtype, use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)
     if y.dtype != out_dtype:
         y = y.to(out_dtype)
     return y.reshape(*x.shape[:-1], n)

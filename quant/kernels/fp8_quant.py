@@ -43,7 +43,9 @@ def quantize_fp8_per_token(
     """Triton kernel where it can run (GPU, or CPU under TRITON_INTERPRET=1), else the reference.
     `launch` = (rows per program, num_warps) overrides the default (tuning only)."""
     k = x.shape[-1]
-    if not can_run_triton(x.device) or x.numel() == 0 or k > 65536:
+    # e4m3fnuz is an AMD type: Triton has it only on ROCm (MI300); elsewhere it is the reference.
+    fnuz_off_rocm = dtype == torch.float8_e4m3fnuz and x.device.type == "cuda" and not torch.version.hip
+    if not can_run_triton(x.device) or x.numel() == 0 or k > 65536 or fnuz_off_rocm:
         return quantize_fp8_per_token_reference(x, dtype)
     from ._tl_fp8_quant import fp8_per_token_quant_kernel
 

@@ -42,8 +42,8 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Tensor:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); tuned on H100 (.dev/notes/D.md)
 W4A16_CONFIG = (128, 128, 64, 8, 3)
-DOT_SCALED_CONFIG = (128, 128, 128, 8, 3)
-W4A8_CONFIG = (128, 128, 128, 8, 3)
+DOT_SCALED_CONFIG = (128, 128, 64, 4, 4)
+W4A8_CONFIG = (128, 128, 128, 4, 4)
 
 
 def _launch(kernel, x2, codes, scales, bias, out, config, **extra):
@@ -169,3 +169,86 @@ def mxfp4_linear_w4a8(
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------- dequantize to a workspace + cuBLAS
+# At diffusion sizes (thousands of tokens) the GEMM is compute-bound and Hopper has no FP4 tensor
+# cores, so the fastest W4A16 is: decode the packed weight once per call into a transient 16-bit
+# workspace (one memory-bound pass, ~2.5 bytes/weight) and let cuBLAS run the bf16 GEMM. The same
+# trick into e4m3 + a per-row power-of-two scale feeds the FP8 row-wise GEMM (MXFP4 storage, FP8
+# tensor-core compute). Weights stay MXFP4 at rest; one layer's copy lives only during its GEMM.
+
+
+def mxfp4_dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    return decode_mxfp4_reference(codes, scales).to(dtype)
+
+
+def _dequant_launch(codes, scales, out, smax, to_fp8: bool):
+    from ._tl_mxfp4_dequant import mxfp4_dequant_kernel
+
+    n, k = out.shape
+    bn, bk = (16, 64) if interpreting() else (32, 256)
+    grid = (triton_cdiv(n, bn), triton_cdiv(k, bk))
+    mxfp4_dequant_kernel[grid](
+        codes, scales, smax if smax is not None else scales, out, n, k,
+        codes.stride(0), scales.stride(0), out.stride(0),
+        TO_FP8=to_fp8, EMULATE_CVT=interpreting(), BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return out
+
+
+def mxfp4_dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """codes [N, K/2] + scales [N, K/32] -> [N, K] in dtype (Triton, one pass)."""
+    if not can_run_triton(codes.device):
+        return mxfp4_dequantize_reference(codes, scales, dtype)
+    out = torch.empty((codes.shape[0], codes.shape[1] * 2), dtype=dtype, device=codes.device)
+    return _dequant_launch(codes, scales, out, None, False)
+
+
+def mxfp4_to_fp8_reference(codes, scales, row_smax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    smax = (row_smax if row_smax is not None else row_scale_max(scales)).to(torch.int32)
+    rel = (scales.to(torch.int32) - smax[:, None] + 127).clamp_min(0).to(torch.uint8)
+    w8 = decode_mxfp4_reference(codes, rel).to(torch.float8_e4m3fn)
+    return w8, (smax << 23).view(torch.float32).reshape(-1, 1)
+
+
+def mxfp4_to_fp8(codes: torch.Tensor, scales: torch.Tensor, row_smax: torch.Tensor | None = None):
+    """MXFP4 -> (e4m3 [N, K], fp32 per-row scale [N, 1] = 2**(s_max - 127)): exact while a row's
+    block scales span <= 8 binades (smaller blocks lose low bits to e4m3 subnormals)."""
+    smax = row_smax if row_smax is not None else row_scale_max(scales)
+    if not can_run_triton(codes.device):
+        return mxfp4_to_fp8_reference(codes, scales, smax)
+    out = torch.empty((codes.shape[0], codes.shape[1] * 2), dtype=torch.float8_e4m3fn, device=codes.device)
+    _dequant_launch(codes, scales, out, smax, True)
+    return out, (smax.to(torch.int32) << 23).view(torch.float32).reshape(-1, 1)
+
+
+def mxfp4_linear_w4a16_dequant_reference(x, codes, scales, bias=None, out_dtype=None):
+    return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
+
+
+def mxfp4_linear_w4a16_dequant(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    _check(x, codes, scales)
+    out_dtype = out_dtype or x.dtype
+    cdt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    w = mxfp4_dequantize(codes, scales, cdt)
+    y = torch.nn.functional.linear(x.to(cdt), w, None if bias is None else bias.to(cdt))
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def mxfp4_linear_w4a8_dequant_reference(x, codes, scales, bias=None, out_dtype=None):
+    return mxfp4_linear_w4a8_reference(x, codes, scales, bias, out_dtype)
+
+
+def mxfp4_linear_w4a8_dequant(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, row_smax: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from .fp8_gemm import fp8_linear_rowwise
+
+    _check(x, codes, scales)
+    w8, ws = mxfp4_to_fp8(codes, scales, row_smax)
+    return fp8_linear_rowwise(x, w8, ws, bias, out_dtype or x.dtype)

@@ -2,7 +2,8 @@
 
 - "triton_fp8": FP8 W8A8 on GPUs with FP8 tensor cores; per shape (tuning.py) either the Triton
   per-token quantization + `torch._scaled_mm` row-wise, or the fused block-FP8 Triton GEMM.
-- "triton_mxfp4": MXFP4 W4A16 on NVIDIA sm_80+ (decoded in registers, bf16 tensor cores).
+- "triton_mxfp4": MXFP4 W4A16 on NVIDIA sm_80+: per shape (tuning.py) decoded into a transient
+  bf16 workspace for cuBLAS (large M) or decoded in registers by a Triton GEMM (small M).
 - "triton_mxfp4_w4a8": MXFP4 weights on FP8 tensor cores (sm_89+), when compute="w4a8" is asked.
 Registration needs no Triton import; `check` says whether Triton is there.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from ..backends import Backend, DeviceInfo, _scaled_mm_check, register_backend
 from ..formats import WeightFormat
 from . import triton_available
-from .tuning import choose_fp8_path
+from .tuning import choose_fp8_path, choose_mxfp4_path
 
 
 def _need_triton() -> tuple[bool, str]:
@@ -59,14 +60,17 @@ def _mxfp4_check_for(min_cap: tuple[int, int], what: str):
 
 
 def _mxfp4_run(x, qw, bias, compute):
-    from .mxfp4_gemm import mxfp4_linear_w4a8, mxfp4_linear_w4a16
+    from . import mxfp4_gemm as mg
 
     n, k = qw.shape
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], n))
+    dequant = choose_mxfp4_path(x.numel() // k, n, k) == "dequant"
     if compute == "w4a8":
-        return mxfp4_linear_w4a8(x, qw.qdata, qw.scale, bias)
-    return mxfp4_linear_w4a16(x, qw.qdata, qw.scale, bias)
+        fn = mg.mxfp4_linear_w4a8_dequant if dequant else mg.mxfp4_linear_w4a8
+    else:
+        fn = mg.mxfp4_linear_w4a16_dequant if dequant else mg.mxfp4_linear_w4a16
+    return fn(x, qw.qdata, qw.scale, bias)
 
 
 BACKENDS = (

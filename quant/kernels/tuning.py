@@ -22,6 +22,12 @@ def choose_fp8_path(m: int, n: int, k: int) -> str:
     return FP8_PATH_BY_SHAPE.get((k, n), "rowwise")
 
 
-def choose_mxfp4_compute(m: int, n: int, k: int) -> str:
-    """MXFP4 on Hopper: W4A16 (bf16 tensor cores) is the default; W4A8 is asked for explicitly."""
-    return "w4a16"
+# Below this many tokens the GEMM is weight-bandwidth-bound and the fused in-register decode (which
+# reads 0.53 bytes per weight once) beats writing a 16-bit workspace first. Diffusion steps run
+# thousands of tokens per Linear, where the workspace + cuBLAS path wins (H100 run, D.md).
+MXFP4_DEQUANT_MIN_M = 256
+
+
+def choose_mxfp4_path(m: int, n: int, k: int) -> str:
+    """"dequant" (decode to a transient workspace, then cuBLAS) or "fused" (decode in registers)."""
+    return "dequant" if m >= MXFP4_DEQUANT_MIN_M else "fused"

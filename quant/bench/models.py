@@ -1,0 +1,282 @@
+"""Model level: one denoising step of ComfyUI's own Z-Image / Wan classes at full size with random
+weights (no checkpoints can be downloaded), for bf16, ComfyUI's `fp8_e4m3fn_fast`, ours FP8 and
+ours MXFP4, each also with the attention node's FP8 attention: step time, transformer weight
+bytes, peak VRAM, output error against bf16, load(+quantize) time.
+
+This is the one module under quant/ that imports ComfyUI and the pack's nodes/ (lazily, inside
+functions): it is a benchmark of the pack inside ComfyUI, not library code. Quantized models are
+built exactly as the loader node builds them: `nodes.ops.make_ops(plan)` as the model's
+operations, the bf16 state dict loaded through `load_state_dict` (quantization happens in each
+Linear's `_load_from_state_dict`), the plan from `quant.selection.build_plan` with the family's
+default ignored layers.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .timing import rel_l2
+
+log = logging.getLogger(__name__)
+PACK = "comfyui_online_quant"
+
+# ---------------------------------------------------------------- model configs (DESIGN.md §2-3)
+ZIMAGE = dict(patch_size=2, in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+              multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True, cap_feat_dim=2560,
+              axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True,
+              time_scale=1000.0, pad_tokens_multiple=32)
+WAN5B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=48, dim=3072, ffn_dim=14336,
+             freq_dim=256, text_dim=4096, out_dim=48, num_heads=24, num_layers=30)
+WAN14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
+              freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40)
+
+
+def _tiny(cfg: dict, **over) -> dict:
+    c = dict(cfg)
+    c.update(over)
+    return c
+
+
+MODELS = {
+    # name: (class path, config, quick config, inputs(quick) -> kwargs, family, what)
+    "zimage": ("comfy.ldm.lumina.model:NextDiT", ZIMAGE,
+               _tiny(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
+               "zimage", "Z-Image-Turbo 1024x1024 (4096 image + 256 text tokens)"),
+    "wan5b": ("comfy.ldm.wan.model:WanModel", WAN5B, _tiny(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+              "wan22_5b", "Wan 2.2 TI2V 5B 1280x704x121 (27280 tokens)"),
+    "wan14b": ("comfy.ldm.wan.model:WanModel", WAN14B, _tiny(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+               "wan21", "Wan 14B 832x480x81 (32760 tokens)"),
+}
+
+
+def _inputs(name: str, quick: bool, device, dtype=torch.bfloat16) -> dict:
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+
+    if name == "zimage":
+        hw, txt, cap = (8, 32, 256) if quick else (128, 256, 2560)
+        return dict(x=rn(1, 16, hw, hw), timesteps=torch.tensor([0.5], device=device),
+                    context=rn(1, txt, cap, scale=0.5), num_tokens=txt)
+    if name == "wan5b":
+        t, h, w = (1, 8, 8) if quick else (31, 44, 80)
+        return dict(x=rn(1, 48, t, h, w), timestep=torch.tensor([500.0], device=device),
+                    context=rn(1, 512 if not quick else 12, 4096, scale=0.5))
+    t, h, w = (1, 8, 8) if quick else (21, 60, 104)
+    return dict(x=rn(1, 16, t, h, w), timestep=torch.tensor([500.0], device=device),
+                context=rn(1, 512 if not quick else 12, 4096, scale=0.5))
+
+
+# ---------------------------------------------------------------- ComfyUI and the pack
+def _comfy():
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.ops
+
+    return comfy
+
+
+def _pack(sub: str):
+    """A module of this repo imported as a package, the way ComfyUI loads a custom node (by file
+    location), e.g. _pack("nodes.ops")."""
+    if PACK not in sys.modules:
+        root = Path(__file__).resolve().parents[2]
+        spec = importlib.util.spec_from_file_location(
+            PACK, root / "__init__.py", submodule_search_locations=[str(root)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module(f"{PACK}.{sub}")
+
+
+def _cls(path: str):
+    mod, name = path.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _init_random_(model: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's ops skip weight init: realistic random values (fan-in scaled matrices, small
+    biases, norm/modulation tables near 1)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device) / math.sqrt(math.prod(p.shape[1:])))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.02)
+            else:
+                p.copy_(1.0 + torch.randn(p.shape, generator=g, device=p.device) * 0.1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _nbytes(model: torch.nn.Module, records=None) -> int:
+    """Transformer weight bytes: packed bytes for quantized Linears (the loader's records),
+    element bytes for every other parameter and buffer."""
+    quant_names = set()
+    total = 0
+    for r in records or ():
+        quant_names.add(r.name + ".weight")
+        total += r.bytes_after
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in quant_names:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def _attention_override():
+    """The attention node's FP8 attention as a ComfyUI override (None when not available)."""
+    try:
+        attn = _pack("quant.attention")
+    except Exception as e:  # E's module missing or broken: reported as skipped
+        log.warning("FP8 attention not available: %s", e)
+        return None
+
+    def override(func, *args, **kwargs):
+        out = attn.comfy_fp8_attention(*args, **kwargs)
+        return func(*args, **kwargs) if out is None else out
+
+    return override
+
+
+# ---------------------------------------------------------------- building the variants
+def _build(name: str, quick: bool, ops, device) -> torch.nn.Module:
+    path, cfg, qcfg, _, _ = MODELS[name]
+    return _cls(path)(**(qcfg if quick else cfg), operations=ops, dtype=torch.bfloat16, device=device).eval()
+
+
+def _plan(sd_shapes: dict, fmt: str, family: str, ignore):
+    sel = _pack("quant.selection")
+    return sel.build_plan(sel.linears_from_shapes(sd_shapes), fmt, ignore, family=family)
+
+
+def _variant(name, variant, quick, sd, shapes, device):
+    """Build one variant and load the bf16 state dict into it; returns (model, load_s, records, note)."""
+    comfy = _comfy()
+    family = MODELS[name][3]
+    note = ""
+    records = None
+    _sync(device)
+    t0 = time.perf_counter()
+    if variant == "bf16":
+        model = _build(name, quick, comfy.ops.disable_weight_init, device)
+        model.load_state_dict(sd, strict=False)
+    elif variant == "comfy_fp8_e4m3fn_fast":
+        # What ComfyUI's weight_dtype=fp8_e4m3fn_fast does: weights of its ops layers cast to fp8
+        # without a scale, Linear through _scaled_mm with unit scales (comfy.ops.fp8_ops).
+        model = _build(name, quick, comfy.ops.fp8_ops, device)
+        model.load_state_dict(sd, strict=False)
+        with torch.no_grad():
+            for m in model.modules():
+                if getattr(m, "comfy_cast_weights", None) is not None:
+                    for pn, p in list(m.named_parameters(recurse=False)):
+                        setattr(m, pn, torch.nn.Parameter(p.data.to(torch.float8_e4m3fn), requires_grad=False))
+    else:
+        fmt = {"ours_fp8": "fp8_e4m3fn", "ours_mxfp4": "mxfp4"}[variant]
+        plan = _plan(shapes, fmt, family, None)
+        ops = _pack("nodes.ops").make_ops(plan, fmt, torch.bfloat16, quantize_device=device, record_sqnr=False)
+        model = _build(name, quick, ops, device)
+        model.load_state_dict(dict(sd), strict=False)  # dict(): the loader pops the weights it quantizes
+        records = ops.load_state.records
+        note = f"{len(plan.quantized())}/{len(plan.decisions)} Linears quantized (family defaults)"
+    _sync(device)
+    return model, time.perf_counter() - t0, records, note
+
+
+def _step(model, inputs, transformer_options, device, steps: int):
+    kw = dict(inputs)
+    if transformer_options:
+        kw["transformer_options"] = transformer_options
+    with torch.inference_mode():
+        out = model(**kw)  # warm-up (Triton compiles, cuBLAS heuristics)
+        _sync(device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(**kw)
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return out, sorted(times)[len(times) // 2]
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--models", default="zimage,wan5b", help="comma list of zimage, wan5b, wan14b")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
+    parser.add_argument("--no-attention", action="store_true", help="skip the FP8-attention combinations")
+
+
+def run(args, device: torch.device) -> list[dict]:
+    comfy = _comfy()  # noqa: F841  (imported for its side: CPU mode when there is no GPU)
+    rows = []
+    attn = None if getattr(args, "no_attention", False) else _attention_override()
+    for name in [m for m in getattr(args, "models", "zimage,wan5b").split(",") if m]:
+        quick = args.quick
+        src = _build(name, quick, _comfy().ops.disable_weight_init, device)
+        _init_random_(src, seed=0)
+        sd = src.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        src_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+        inputs = _inputs(name, quick, device)
+        ref, bf16_ms = None, None
+        variants = ["bf16", "comfy_fp8_e4m3fn_fast", "ours_fp8", "ours_mxfp4"]
+        for variant in variants:
+            row_base = dict(table="models", model=MODELS[name][4] if not quick else name + " (tiny)")
+            try:
+                model, load_s, records, note = _variant(name, variant, quick, sd, shapes, device)
+            except Exception as e:
+                log.exception("building %s %s failed", name, variant)
+                rows.append(dict(row_base, variant=variant, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            wbytes = _nbytes(model, records)
+            combos = [("", None)] + ([("+fp8_attention", {"optimized_attention_override": attn})] if attn else [])
+            for suffix, topts in combos:
+                row = dict(row_base, variant=variant + suffix)
+                try:
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    out, ms = _step(model, inputs, topts, device, 1 if quick else args.steps)
+                    peak = torch.cuda.max_memory_allocated(device) - src_bytes if device.type == "cuda" else None
+                except Exception as e:
+                    log.exception("step %s %s failed", name, variant + suffix)
+                    rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                    continue
+                if variant == "bf16" and not suffix:
+                    ref, bf16_ms = out.float(), ms
+                row.update(step_ms=round(ms, 2), speedup_vs_bf16=round(bf16_ms / ms, 3) if bf16_ms else None,
+                           weight_GiB=round(wbytes / 2**30, 3),
+                           weight_vs_bf16=round(wbytes / src_bytes, 3),
+                           peak_vram_GiB=round(peak / 2**30, 2) if peak is not None else None,
+                           rel_err_vs_bf16=round(rel_l2(out.float(), ref), 4) if ref is not None else None,
+                           finite=bool(torch.isfinite(out).all()),
+                           load_s=round(load_s, 2), note=note)
+                rows.append(row)
+                del out
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del src, sd, ref
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
