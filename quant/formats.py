@@ -23,7 +23,7 @@ from . import fp8, mxfp4
 from .constants import MX_BLOCK_SIZE, MXFP4_BITS_PER_WEIGHT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: identity semantics; comparing tensors has no single truth
 class QuantizedWeight:
     """A quantized Linear weight: logical shape (N, K) = (out_features, in_features)."""
 

@@ -37,6 +37,19 @@ def _row_chunks(n_rows: int, k: int):
     return range(0, n_rows, step), step
 
 
+def _row_amax(w: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, 1] max |w| per row, in row chunks (no full-size |w| temporary)."""
+    n, k = w.shape
+    amax = torch.zeros((n, 1), dtype=torch.float32, device=w.device)
+    if k == 0:
+        return amax
+    starts, step = _row_chunks(n, k)
+    for i in starts:
+        lo, hi = torch.aminmax(w[i : i + step], dim=1, keepdim=True)
+        torch.maximum(hi.float(), lo.float().neg_(), out=amax[i : i + step])
+    return amax
+
+
 def quantize_weight(
     w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "channel"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,4 +108,40 @@ def quantized_linear(
     return ops.linear_op(fmt.kind)(x, qw.qdata, qw.scale, bias, fmt.name, compute, backend or "")
 
 
-__all__ = ["quantized_linear", "reference_linear"]
+def output_error_table(
+    k: int = 3840, n: int = 1024, m: int = 256, seed: int = 0
+) -> list[tuple[str, str, float]]:
+    """Relative L2 error of one quantized Linear against fp64, N(0,1) weights and activations:
+    [(format, compute, error)] for every registered format and compute mode (reference paths)."""
+    from .formats import FORMATS
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    ref = x.double() @ w.double().t()
+    rows = []
+    for name, fmt in FORMATS.items():
+        qw = fmt.quantize(w)
+        for compute in fmt.computes:
+            y = reference_linear(x, qw, None, compute)
+            rows.append((name, compute, float((y.double() - ref).norm() / ref.norm())))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m quant.linear [K N M]`: print the per-Linear output error table."""
+    import sys
+
+    args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
+    k, n, m = (args + [3840, 1024, 256][len(args) :])[:3]
+    print(f"relative L2 output error, one Linear, N(0,1) weights and activations, K={k} N={n} M={m}")
+    print(f"{'format':<20}{'compute':<9}{'error':>8}")
+    for name, compute, err in output_error_table(k, n, m):
+        print(f"{name:<20}{compute:<9}{100 * err:>7.2f}%")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["output_error_table", "quantized_linear", "reference_linear"]

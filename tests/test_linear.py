@@ -117,3 +117,12 @@ def test_nan_activation_propagates_instead_of_raising():
     x[0, 0] = float("nan")
     y = quantized_linear(x, qw, compute="w4a4")
     assert y[0].isnan().all() and not y[1].isnan().any()
+
+
+def test_error_table_command_covers_every_format():
+    from quant.formats import FORMATS
+    from quant.linear import output_error_table
+
+    rows = output_error_table(k=256, n=64, m=16)
+    assert {r[0] for r in rows} == set(FORMATS)
+    assert all(0.0 < err < 0.3 for _, _, err in rows)
