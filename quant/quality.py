@@ -497,8 +497,8 @@ def layer_activation_stats(
     kurt = float(((xs - mean) ** 4).mean() / (var * var)) if float(var) > 0 else math.nan
     med = float(channel_amax.median()) if k else 0.0
     w = weight.detach()
-    if hasattr(w, "dequantize"):  # comfy-kitchen QuantizedTensor and friends
-        w = w.dequantize()
+    if type(w) not in (Tensor, torch.nn.Parameter) and hasattr(w, "dequantize"):
+        w = w.dequantize()  # a packed tensor subclass (comfy-kitchen QuantizedTensor and friends)
     w = w.to(xs.device).float()
     ref = xs @ w.t()
     errs: dict[str, float] = {}
