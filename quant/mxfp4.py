@@ -7,14 +7,18 @@ sign and is kept even when the magnitude rounds to zero (-0.0 and -0.1*scale giv
 Scale rounding modes (`rounding=`):
 - "even" (default): AITER `dynamic_mxfp4_quant`, bit for bit: amax's fp32 bits + 0x200000,
   masked to sign+exponent, exponent = floor(log2) - 2 clamped to [-127, 127]; elements round to
-  nearest with ties AWAY from zero and saturate at 6.
+  nearest with ties AWAY from zero and saturate at 6. (Current AITER's `_mxfp4_quant_op`
+  "tie breaking up"; older AITER releases rounded elements ties-to-even, which differs only on
+  exact ties. An amax >= 1.75 * 2^127 carries into +inf, whose log2 AITER clamps to 127.)
 - "floor": OCP MX v1.0 §6.3 / torchao FLOOR: exponent = floor(log2(amax)) - 2; elements round to
   nearest, ties to even, saturating at 6 (a block whose amax mantissa > 1.5 saturates its top).
 - "ceil": the smallest exponent with amax * 2^-exponent <= 6 (never saturates); ties to even.
 An all-zero block gets exponent -127, i.e. scale byte 0, in every mode.
 
-Everything is computed with int32 views of fp32 values, vectorised, in row chunks so that a
-5120x13824 weight never needs more than a few MB of fp32 temporaries at a time.
+Everything is computed on integer views of fp32 values, vectorised, in row chunks so that a
+5120x13824 weight never needs more than a few MB of fp32 temporaries at a time. Encoding goes
+through code tables built from `_round_e2m1` (the bit-level definition; a test checks the two
+agree on random fp32 patterns); decoding through a 256-entry byte -> (even, odd) value table.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def _quantize_rows(
     e = _block_exponent(amax, rounding)
     # Exact: a power-of-two scaling, computed in fp32 (bf16/fp16 blocks promote in the multiply).
     y = (blocks * _pow2(-e).unsqueeze(-1)).view(r, k)
-    if rounding == "even" and _LITTLE_ENDIAN:
+    if rounding == "even" and _LITTLE_ENDIAN and y.device.type == "cpu":  # uint16 casts: CPU-only habit
         _encode_even(y, codes_out)
     else:
         ties_away = rounding == "even"
