@@ -57,6 +57,7 @@ def fp8_attention_reference(
     v_fp8: bool = False,
     smooth_k: bool = True,
     balance: bool | None = None,
+    k_per_token: bool = True,
 ) -> torch.Tensor:
     """What the kernel computes, in plain PyTorch fp32 (slow; for tests and error studies).
 
@@ -70,7 +71,15 @@ def fp8_attention_reference(
     qk_scale = torch.tensor(D**-0.5 * _k.LOG2E, dtype=torch.float32)
     q8, sq = _quantize_rows(q.float() * qbal[:, :, None, :], qk_int8)
     sq = sq * qk_scale
-    k8, ks = _quantize_rows((k.float() - kmean[:, :, None, :]) * kbal[:, :, None, :], qk_int8)
+    kf = (k.float() - kmean[:, :, None, :]) * kbal[:, :, None, :]
+    if k_per_token:
+        k8, ks = _quantize_rows(kf, qk_int8)
+    else:  # one scale per block of block_n tokens: quantize each block as one row
+        pad = (-LK) % block_n
+        kb = torch.nn.functional.pad(kf, (0, 0, 0, pad)).unflatten(2, (-1, block_n)).flatten(3)
+        k8, ks = _quantize_rows(kb, qk_int8)  # [B,H,NBLK,block_n*D], [B,H,NBLK]
+        k8 = k8.unflatten(3, (block_n, D)).flatten(2, 3)[:, :, :LK]
+        ks = ks.repeat_interleave(block_n, dim=2)[:, :, :LK]
     vf = v.float()
     m = torch.full((B, H, LQ), float("-inf"), device=q.device)
     l_sum = torch.zeros((B, H, LQ), device=q.device)

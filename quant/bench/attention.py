@@ -35,20 +35,24 @@ log = logging.getLogger(__name__)
 # (model, heads, tokens); B=1, D=128 (DESIGN §4)
 SHAPES = [("zimage", 30, 4352), ("wan22_5b", 24, 27280), ("wan_14b", 40, 32760)]
 QUICK_SHAPES = [("tiny", 2, 80)]
-MODES = {  # name -> fp8_attention kwargs
-    "int8qk_bf16pv": dict(qk="int8", pv="bf16"),
-    "fp8qk_bf16pv": dict(qk="fp8", pv="bf16"),
-    "int8qk_fp8pv": dict(qk="int8", pv="fp8"),
-    "fp8qk_fp8pv": dict(qk="fp8", pv="fp8"),
+MODES = {  # name -> fp8_attention_triton kwargs (K scale per token, or per block of block_n)
+    "int8qk_bf16pv_ktok": dict(qk_int8=True, v_fp8=False, k_per_token=True),
+    "int8qk_bf16pv_kblk": dict(qk_int8=True, v_fp8=False, k_per_token=False),
+    "fp8qk_bf16pv_kblk": dict(qk_int8=False, v_fp8=False, k_per_token=False),
+    "int8qk_fp8pv_ktok": dict(qk_int8=True, v_fp8=True, k_per_token=True),
+    "int8qk_fp8pv_kblk": dict(qk_int8=True, v_fp8=True, k_per_token=False),
+    "fp8qk_fp8pv_kblk": dict(qk_int8=False, v_fp8=True, k_per_token=False),
 }
-TUNE_CONFIGS = [
-    AttnConfig(128, 128, 8, 3),
-    AttnConfig(128, 128, 8, 2),
-    AttnConfig(128, 64, 8, 3),
-    AttnConfig(128, 64, 4, 3),
-    AttnConfig(64, 128, 4, 3),
-    AttnConfig(128, 128, 4, 3),
-]
+# launch configs swept per P·V dtype (first H100 sweep: 128x64 w8 best for bf16 P·V, 64x128 w4
+# for FP8 P·V; 4 warps at 128x128 and 2 stages were far behind)
+TUNE_CONFIGS = {
+    False: [AttnConfig(128, 64, 8, 3), AttnConfig(128, 128, 8, 3), AttnConfig(128, 64, 8, 4),
+            AttnConfig(128, 64, 8, 3, True), AttnConfig(128, 128, 8, 3, True)],
+    True: [AttnConfig(64, 128, 4, 3), AttnConfig(128, 128, 8, 3), AttnConfig(64, 128, 4, 4),
+           AttnConfig(64, 64, 4, 3), AttnConfig(128, 128, 8, 3, True)],
+}  # fmt: skip
+SWEPT = ("int8qk_bf16pv_kblk", "int8qk_fp8pv_kblk", "fp8qk_fp8pv_kblk")
+_TUNED: dict[str, AttnConfig] = {}  # mode -> fastest config of this run's sweep
 
 
 def make_inputs(kind: str, heads: int, tokens: int, device, seed: int = 0, head_dim: int = 128):
@@ -93,8 +97,18 @@ def _paths(heads: int, device) -> dict:
         ).flatten(2)
     except Exception:  # not installed (the H100 image has none)
         pass
+    paths["ours_default"] = lambda q, k, v: fp8_attention(q, k, v, layout="blhd", heads=heads)
     for name, kw in MODES.items():
-        paths[name] = lambda q, k, v, kw=kw: fp8_attention(q, k, v, layout="blhd", heads=heads, **kw)
+        if name not in _TUNED and device.type == "cuda":
+            continue  # only modes that the sweep ran (or all of them on the CPU)
+
+        def fn(q, k, v, kw=kw, name=name):
+            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+            out = torch.empty_like(q).unflatten(-1, (heads, -1)).transpose(1, 2)
+            cfg = _TUNED.get(name) or default_config(qh.shape[-1], q.device)
+            return fp8_attention_triton(qh, kh, vh, out, config=cfg, **kw).transpose(1, 2).flatten(2)
+
+        paths[name] = fn
     return paths
 
 
@@ -105,7 +119,8 @@ def run(args, device: torch.device) -> list[dict]:
     kinds = ("gauss", "outlier", "outlier_same")
     rows: list[dict] = []
     if getattr(args, "attn_check", False):
-        rows += check(device)
+        modes = getattr(args, "check_modes", None)
+        rows += check(device, modes.split(",") if modes else None)
     if getattr(args, "attn_tune", False) and device.type == "cuda":
         rows += tune(device)
     for model, heads, tokens in [] if getattr(args, "no_bench", False) else shapes:
@@ -141,40 +156,81 @@ def run(args, device: torch.device) -> list[dict]:
 
 
 def tune(device: torch.device, shapes=(("zimage", 30, 4352), ("wan22_5b", 24, 27280))) -> list[dict]:
-    """Time each launch configuration of the forward kernel per mode (bf16 P·V and FP8 P·V)."""
+    """Time each launch configuration of the forward (pre-pass included) per mode; the fastest
+    at the largest shape is kept in _TUNED for the table that follows."""
     rows = []
+    best: dict[str, tuple[float, AttnConfig]] = {}
     for model, heads, tokens in shapes:
         q, k, v = make_inputs("gauss", heads, tokens, device)
         qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = torch.empty_like(qh)
         flops = attention_flops(1, heads, tokens, tokens, 128)
-        for qk_int8, v_fp8 in ((True, False), (True, True)):
-            for cfg in TUNE_CONFIGS:
-                row = dict(table="attention_tune", model=model, qk="int8" if qk_int8 else "fp8",
-                           pv="fp8" if v_fp8 else "bf16", config=str(cfg))  # fmt: skip
+        for mode, kw in MODES.items():
+            # the full sweep for the per-block-K modes; the others at the sweep's first config
+            configs = TUNE_CONFIGS[kw["v_fp8"]]
+            configs = configs if mode in SWEPT else configs[:1]
+            for cfg in configs:
+                row = dict(table="attention_tune", model=model, mode=mode, config=str(cfg))
                 try:
-                    fn = lambda cfg=cfg, a=qk_int8, b=v_fp8, t=(qh, kh, vh, out): fp8_attention_triton(  # noqa: E731
-                        *t, qk_int8=a, v_fp8=b, config=cfg
+                    fn = lambda cfg=cfg, kw=kw, t=(qh, kh, vh, out): fp8_attention_triton(  # noqa: E731
+                        *t, config=cfg, **kw
                     )
                     fn()
                     ms = bench_ms(fn, device)
                     row.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
+                    if model == shapes[-1][0] and ms < best.get(mode, (1e9, None))[0]:
+                        best[mode] = (ms, cfg)
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 rows.append(row)
                 log.info("%s", row)
+        # the pre-pass alone (stats + K/V quantization), to split the time
+        from ..kernels.fp8_attention import attention_stats
+
+        for v_fp8 in (False, True):
+            fn = lambda v_fp8=v_fp8, t=(qh, kh, vh): _prepass_only(*t, v_fp8)  # noqa: E731
+            rows.append(dict(table="attention_prepass", model=model, v_fp8=v_fp8,
+                             ms=round(bench_ms(fn, device), 4),
+                             stats_ms=round(bench_ms(lambda t=(qh, kh): attention_stats(
+                                 *t, smooth_k=True, balance=True), device), 4)))  # fmt: skip
+            log.info("%s", rows[-1])
         del q, k, v, qh, kh, vh, out
+    _TUNED.update({m: c for m, (_, c) in best.items()})
+    rows.append(dict(table="attention_tuned", **{m: str(c) for m, c in _TUNED.items()}))
+    log.info("%s", rows[-1])
     return rows
 
 
-def check(device: torch.device) -> list[dict]:
+def _prepass_only(q, k, v, v_fp8: bool):
+    """Stats + K/V quantization kernel only (for the time split in the tune table)."""
+    from ..kernels.fp8_attention import _kernels, attention_stats
+
+    quant_kv_kernel, _ = _kernels()
+    B, H, L, D = k.shape
+    bn = 128
+    nblk = -(-L // bn)
+    kmean, qbal, kbal = attention_stats(q, k, smooth_k=True, balance=True)
+    k8 = torch.empty(B * H, nblk * bn, D, device=q.device, dtype=torch.int8)
+    ks = torch.empty(B * H, nblk, device=q.device)
+    v8 = torch.empty(B * H, D, nblk * bn, device=q.device, dtype=torch.float8_e4m3fn)
+    vs = torch.empty(B * H, nblk, D, device=q.device)
+    quant_kv_kernel[(nblk, B * H)](
+        k, v, kmean, kbal, k8, ks, v8, vs,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        H, L, nblk * bn, nblk, D=D, BLOCK_N=bn, QK_INT8=True, V_FP8=v_fp8, K_TOKEN=False,
+        INTERP=False, num_warps=4,
+    )  # fmt: skip
+
+
+def check(device: torch.device, modes=None) -> list[dict]:
     """Kernel against its reference (fp32 emulation) on this device: every mode, both layouts,
     D 64/128/256, lengths that are not block multiples, LQ != LK. Also the fp32 SDPA error."""
     from ..attention import fp8_attention_reference
 
     rows = []
-    cases = [(128, mode) for mode in MODES]
-    cases += [(d, m) for d in (64, 256) for m in ("int8qk_bf16pv", "int8qk_fp8pv")]
+    cases = [(128, mode) for mode in (modes or MODES)]
+    if modes is None:
+        cases += [(d, m) for d in (64, 256) for m in ("int8qk_bf16pv_ktok", "int8qk_fp8pv_kblk")]
     g = torch.Generator(device=device).manual_seed(1)
     for d, mode in cases:
         kw = MODES[mode]
@@ -183,11 +239,13 @@ def check(device: torch.device) -> list[dict]:
         k, v = (torch.randn(B, LK, H * d, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
         k = k + 3 * torch.randn(H * d, generator=g, device=device).to(torch.bfloat16)
         views = [t.unflatten(-1, (H, d)).transpose(1, 2) for t in (q, k, v)]
-        bn = default_config(d, device).block_n
-        ref = fp8_attention_reference(*views, block_n=bn, qk_int8=kw["qk"] == "int8", v_fp8=kw["pv"] == "fp8")
+        cfg = default_config(d, device)
+        ref = fp8_attention_reference(*views, block_n=cfg.block_n, **kw)
         exact = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in views))
-        o1 = fp8_attention(q, k, v, layout="blhd", heads=H, **kw)  # [B,L,H*D]
-        o2 = fp8_attention(*views, layout="bhld", **kw)  # [B,H,L,D]
+        o1 = torch.empty_like(q).unflatten(-1, (H, d))  # [B,L,H,D] memory, as Wan wants it
+        fp8_attention_triton(*views, o1.transpose(1, 2), config=cfg, **kw)
+        o1 = o1.flatten(2)
+        o2 = fp8_attention_triton(*views, torch.empty_like(views[0]), config=cfg, **kw)
         row = dict(table="attention_check", head_dim=d, mode=mode,
                    kernel_vs_ref_blhd=rel_l2(o1.unflatten(-1, (H, d)).transpose(1, 2), ref),
                    kernel_vs_ref_bhld=rel_l2(o2, ref), ref_vs_fp32=rel_l2(ref, exact),
@@ -224,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", dest="attn_tune", action="store_true")
     p.add_argument("--check", dest="attn_check", action="store_true", help="kernel vs reference first")
     p.add_argument("--no-bench", action="store_true", help="only --check/--tune")
+    p.add_argument("--check-modes", default=None, help="comma list of MODES for --check (default all)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

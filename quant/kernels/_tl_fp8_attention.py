@@ -43,12 +43,24 @@ def _quantize_rows(x, QK_INT8: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _quantize_tile(x, QK_INT8: tl.constexpr, INTERP: tl.constexpr):
+    """One scale for the whole fp32 tile: (codes, scalar scale)."""
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20)
+    if QK_INT8:
+        codes = tl.floor(x * (127.0 / amax) + 0.5).to(tl.int8)
+        return codes, amax / 127.0
+    else:
+        codes = _to_fp8(tl.clamp(x * (448.0 / amax), -448.0, 448.0), INTERP)
+        return codes, amax / 448.0
+
+
+@triton.jit
 def quant_kv_kernel(
     k_ptr, v_ptr, kmean_ptr, kbal_ptr, k8_ptr, ks_ptr, v8_ptr, vs_ptr,
     stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     H, LK, LPAD, NBLK,
     D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, V_FP8: tl.constexpr,
-    INTERP: tl.constexpr,
+    K_TOKEN: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -64,10 +76,14 @@ def quant_kv_kernel(
     mu = tl.load(kmean_ptr + pid_bh * D + offs_d)
     bal = tl.load(kbal_ptr + pid_bh * D + offs_d)
     k = tl.where(valid, (k - mu[None, :]) * bal[None, :], 0.0)
-    k8, ks = _quantize_rows(k, QK_INT8, INTERP)
     # padded rows (offs_n >= LK) are written as zeros: the forward reads whole blocks
+    if K_TOKEN:
+        k8, ks = _quantize_rows(k, QK_INT8, INTERP)
+        tl.store(ks_ptr + pid_bh * LPAD + offs_n, ks)
+    else:
+        k8, ks1 = _quantize_tile(k, QK_INT8, INTERP)
+        tl.store(ks_ptr + pid_bh * NBLK + pid_n, ks1)
     tl.store(k8_ptr + pid_bh * LPAD * D + offs_n[:, None] * D + offs_d[None, :], k8)
-    tl.store(ks_ptr + pid_bh * LPAD + offs_n, ks)
     if V_FP8:
         v = tl.load(
             v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
@@ -86,24 +102,40 @@ def _attn_block(
     k8_ptr, ks_ptr, v_ptr, vs_ptr, stride_vb, stride_vh, stride_vl, b, h,
     LK, LPAD, NBLK,
     D: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, V_FP8: tl.constexpr,
-    MASK: tl.constexpr, INTERP: tl.constexpr,
+    K_TOKEN: tl.constexpr, MASK: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     # K block loaded as [D, BLOCK_N] from the [L, D] buffer: the K-major B operand of the MMA
     kt = tl.load(k8_ptr + pid_bh * LPAD * D + offs_n[None, :] * D + offs_d[:, None])
-    ks = tl.load(ks_ptr + pid_bh * LPAD + offs_n)
-    if QK_INT8:
-        qk_i = tl.dot(q8, kt)  # int32, |qk| <= 127*127*D < 2**22 for D <= 256
-        # int32 -> fp32 by the 1.5*2**23 trick (an integer add and a float add, both full rate)
-        qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    if K_TOKEN:
+        ks = tl.load(ks_ptr + pid_bh * LPAD + offs_n)
+        if QK_INT8:
+            qk_i = tl.dot(q8, kt)  # int32, |qk| <= 127*127*D < 2**22 for D <= 256
+            # int32 -> fp32 by the 1.5*2**23 trick (an integer add and a float add, both full rate)
+            qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            qk = tl.dot(q8, kt)
+        s = qk * ks[None, :]
+        if MASK:
+            s = tl.where((offs_n < LK)[None, :], s, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(s, axis=1) * sq)
+        p = tl.math.exp2(s * sq[:, None] - (m_ij - 8.8)[:, None])
     else:
-        qk = tl.dot(q8, kt)
-    s = qk * ks[None, :]
-    if MASK:
-        s = tl.where((offs_n < LK)[None, :], s, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(s, axis=1) * sq)
-    p = tl.math.exp2(s * sq[:, None] - (m_ij - 8.8)[:, None])
+        # one K scale per block: it joins Q's row scale, so each logit costs one FMA
+        c = sq * tl.load(ks_ptr + pid_bh * NBLK + start_n // BLOCK_N)
+        if QK_INT8:
+            # f = 1.5*2**23 + qk exactly; the offset is folded into the row bias below (the
+            # bias's rounding error is the same for the whole row, which softmax ignores)
+            f = (tl.dot(q8, kt) + 0x4B400000).to(tl.float32, bitcast=True)
+            off = 12582912.0
+        else:
+            f = tl.dot(q8, kt)
+            off = 0.0
+        if MASK:
+            f = tl.where((offs_n < LK)[None, :], f, float("-inf"))
+        m_ij = tl.maximum(m_i, (tl.max(f, axis=1) - off) * c)
+        p = tl.math.exp2(f * c[:, None] - (off * c + m_ij - 8.8)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if V_FP8:
@@ -128,7 +160,8 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     H, LQ, LK, LPAD, NBLK, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-    V_FP8: tl.constexpr, INTERP: tl.constexpr, OUT_BF16: tl.constexpr,
+    V_FP8: tl.constexpr, K_TOKEN: tl.constexpr, WARP_SPEC: tl.constexpr, INTERP: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -149,17 +182,17 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     n_full = (LK // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
         acc, l_i, m_i = _attn_block(
             acc, l_i, m_i, q8, sq, start_n, pid_bh,
             k8_ptr, ks_ptr, v_ptr, vs_ptr, stride_vb, stride_vh, stride_vl, b, h,
-            LK, LPAD, NBLK, D, BLOCK_N, QK_INT8, V_FP8, False, INTERP,
+            LK, LPAD, NBLK, D, BLOCK_N, QK_INT8, V_FP8, K_TOKEN, False, INTERP,
         )  # fmt: skip
     if n_full < LK:  # the one partial block, masked
         acc, l_i, m_i = _attn_block(
             acc, l_i, m_i, q8, sq, n_full, pid_bh,
             k8_ptr, ks_ptr, v_ptr, vs_ptr, stride_vb, stride_vh, stride_vl, b, h,
-            LK, LPAD, NBLK, D, BLOCK_N, QK_INT8, V_FP8, True, INTERP,
+            LK, LPAD, NBLK, D, BLOCK_N, QK_INT8, V_FP8, K_TOKEN, True, INTERP,
         )  # fmt: skip
     out = acc / l_i[:, None]
     if INTERP and OUT_BF16:

@@ -39,6 +39,7 @@ class AttnConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    warp_specialize: bool = False  # tl.range(warp_specialize=...) on the key loop
 
 
 def default_config(head_dim: int, device: torch.device) -> AttnConfig:
@@ -99,6 +100,7 @@ def fp8_attention_triton(
     v_fp8: bool = False,
     smooth_k: bool = True,
     balance: bool | None = None,
+    k_per_token: bool = True,
     config: AttnConfig | None = None,
 ) -> torch.Tensor:
     """Run the pre-pass and the forward. q [B,H,LQ,D], k/v [B,H,LK,D], out [B,H,LQ,D]: any
@@ -118,7 +120,7 @@ def fp8_attention_triton(
 
     kmean, qbal, kbal = attention_stats(q, k, smooth_k=smooth_k, balance=balance)
     k8 = torch.empty(B * H, lpad, D, device=dev, dtype=torch.int8 if qk_int8 else torch.float8_e4m3fn)
-    ks = torch.empty(B * H, lpad, device=dev, dtype=torch.float32)
+    ks = torch.empty(B * H, lpad if k_per_token else nblk, device=dev, dtype=torch.float32)
     if v_fp8:
         v8 = torch.empty(B * H, D, lpad, device=dev, dtype=torch.float8_e4m3fn)
         vs = torch.empty(B * H, nblk, D, device=dev, dtype=torch.float32)
@@ -128,7 +130,7 @@ def fp8_attention_triton(
         k, v, kmean, kbal, k8, ks, v8, vs,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H, LK, lpad, nblk,
-        D=D, BLOCK_N=bn, QK_INT8=qk_int8, V_FP8=v_fp8, INTERP=exact,
+        D=D, BLOCK_N=bn, QK_INT8=qk_int8, V_FP8=v_fp8, K_TOKEN=k_per_token, INTERP=exact,
         num_warps=4,
     )  # fmt: skip
     attn_fwd_kernel[(-(-LQ // cfg.block_m), B * H)](
@@ -136,8 +138,8 @@ def fp8_attention_triton(
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, LQ, LK, lpad, nblk, float(D**-0.5 * LOG2E),
-        D=D, BLOCK_M=cfg.block_m, BLOCK_N=bn, QK_INT8=qk_int8, V_FP8=v_fp8, INTERP=exact,
-        OUT_BF16=out.dtype == torch.bfloat16,
+        D=D, BLOCK_M=cfg.block_m, BLOCK_N=bn, QK_INT8=qk_int8, V_FP8=v_fp8, K_TOKEN=k_per_token,
+        WARP_SPEC=cfg.warp_specialize, INTERP=exact, OUT_BF16=out.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
