@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'format':<20}{'compute':<9}{'error':>8}")
     for name, compute, err in output_error_table(k, n, m):
         print(f"{name:<20}{compute:<9}{100 * err:>7.2f}%")
+    from .formats import FORMATS
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    print(f"\nweight SQNR, N(0,1) {n}x{k}")
+    for name, fmt in FORMATS.items():
+        noise = (w - fmt.dequantize(fmt.quantize(w), torch.float32)).norm()
+        print(f"{name:<20}{float(20 * torch.log10(w.norm() / noise)):>6.2f} dB")
 
 
 if __name__ == "__main__":
