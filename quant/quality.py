@@ -36,10 +36,10 @@ def _signal_and_noise(ref: Tensor, test: Tensor) -> tuple[float, float]:
     noise = 0.0
     for start in range(0, r.numel(), _CHUNK):
         rc = r[start : start + _CHUNK].float()
-        tc = t[start : start + _CHUNK].float()
-        signal += float(torch.sum(rc * rc))
-        d = rc - tc
-        noise += float(torch.sum(d * d))
+        d = rc - t[start : start + _CHUNK].float()
+        # dot products: one BLAS pass each, fp32 accumulation (no x*x temporaries)
+        signal += float(torch.dot(rc, rc))
+        noise += float(torch.dot(d, d))
     return signal, noise
 
 
@@ -317,26 +317,66 @@ def parse_sensitivity_rule(text: str | None) -> SensitivityRule:
     return rule
 
 
-def quantized_weight_sqnr_db(w: Tensor, qw) -> float:
-    """Weight SQNR (dB) of a `formats.QuantizedWeight` against the weight it was made from: the
-    load report's per-layer number. Dequantizes once to fp32 on the weight's device."""
-    return sqnr_db(w, qw.dequantize(torch.float32))
+def sample_rows(n: int, rows: int | None) -> Tensor | None:
+    """Evenly spaced row indices (None = all rows: `rows` is None or >= n)."""
+    if rows is None or rows >= n:
+        return None
+    return torch.linspace(0, n - 1, max(rows, 1)).round().long()
 
 
-def measure_weight_sqnr(tensors, plan, *, device: torch.device | str | None = None) -> dict[str, float]:
-    """Stream `(state-dict key, tensor)` pairs (e.g. `safetensors_header.iter_tensors(path)`),
-    quantize each weight the plan quantizes with the plan's format, and return name -> SQNR dB.
+def quantized_weight_sqnr_db(w: Tensor, qw, rows: int | None = 256) -> float:
+    """Weight SQNR (dB) of a `formats.QuantizedWeight` against the weight [N, K] it was made from:
+    the load report's per-layer number.
 
-    Holds one layer at a time. This is the pre-pass that global sensitivity rules ("worst 5%",
-    "max 12 GB") need before the real load; a threshold rule can instead be decided per layer
-    while loading (`SensitivityRule.is_local`)."""
+    Every format here is row-local (per-channel or per-tensor FP8 scales, MXFP4 blocks along K),
+    so the error of a row does not depend on the other rows: with `rows` set, only that many
+    evenly spaced rows are dequantized and compared, which makes the measurement cost
+    rows/N of a full one (on CPU a full dequantize + compare costs about as much as the
+    quantization itself). `rows=None` measures every row."""
+    from .formats import QuantizedWeight
+
+    idx = sample_rows(w.shape[0], rows)
+    if idx is None:
+        return sqnr_db(w, qw.dequantize(torch.float32))
+    idx = idx.to(qw.qdata.device)
+    per_row = qw.scale.dim() > 0 and qw.scale.shape[0] == w.shape[0]
+    scale = qw.scale.index_select(0, idx) if per_row else qw.scale  # a per-tensor scale stays
+    part = QuantizedWeight(qw.format, qw.qdata.index_select(0, idx), scale, (int(idx.numel()), qw.shape[1]))
+    return sqnr_db(w.index_select(0, idx.to(w.device)), part.dequantize(torch.float32))
+
+
+def estimate_weight_sqnr_db(w: Tensor, format: str, rows: int | None = 256) -> float:
+    """SQNR (dB) that quantizing `w` [N, K] with `format` would give, from `rows` evenly spaced rows
+    only (quantized together with the row holding the tensor's amax, so a per-tensor scale is the
+    full tensor's). Exact per row for every format here (they are row-local); `rows=None`
+    quantizes the whole weight. Costs about rows/N of a real quantization."""
     from .formats import get_format
+
+    fmt = get_format(format)
+    idx = sample_rows(w.shape[0], rows)
+    if idx is None:
+        return quantized_weight_sqnr_db(w, fmt.quantize(w), rows=None)
+    idx = idx.to(w.device)
+    amax_row = w.abs().amax(dim=1).argmax().reshape(1)
+    part = w.index_select(0, torch.cat([idx, amax_row]))
+    deq = fmt.quantize(part).dequantize(torch.float32)[:-1]
+    return sqnr_db(part[:-1], deq)
+
+
+def measure_weight_sqnr(
+    tensors, plan, *, device: torch.device | str | None = None, rows: int | None = 256
+) -> dict[str, float]:
+    """Stream `(state-dict key, tensor)` pairs (a loaded state dict's `.items()`, or
+    `safetensors_header.iter_tensors(path)`), and return name -> estimated SQNR (dB) for every
+    weight the plan quantizes, with the plan's format (`estimate_weight_sqnr_db`).
+
+    This is the pre-pass that global sensitivity rules ("worst 5%", "max 12 GB") need before
+    the real load; with `rows` sampling it costs a few % of the load."""
     from .patterns import strip_prefix
 
-    fmt = get_format(plan.format)
     out: dict[str, float] = {}
     for key, t in tensors:
-        if not key.endswith(".weight") or t.dim() != 2:
+        if not key.endswith(".weight") or getattr(t, "dim", lambda: 0)() != 2:
             continue
         name = strip_prefix(key[: -len(".weight")])
         d = plan.decision(name)
@@ -344,8 +384,26 @@ def measure_weight_sqnr(tensors, plan, *, device: torch.device | str | None = No
             continue
         if device is not None:
             t = t.to(device)
-        out[name] = quantized_weight_sqnr_db(t, fmt.quantize(t))
+        out[name] = estimate_weight_sqnr_db(t, plan.format, rows)
     return out
+
+
+def plan_with_sensitivity(plan, tensors, rule: SensitivityRule | str | None, **kw):
+    """The loader's one call for `keep_sensitive`: measure (`measure_weight_sqnr`) then choose
+    (`apply_sensitivity`). Returns `(plan, kept_names, text)`; `text` is a report note listing
+    the kept layers as lines to paste into the ignored-layers field ("" when nothing is kept).
+    `kw`: `device`, `rows` (measurement), `other_bytes`, `dtype_bytes` (budget)."""
+    if not isinstance(rule, SensitivityRule):
+        rule = parse_sensitivity_rule(rule)
+    if not rule.active:
+        return plan, [], ""
+    mkw = {k: kw.pop(k) for k in ("device", "rows") if k in kw}
+    sq = measure_weight_sqnr(tensors, plan, **mkw)
+    new, kept = apply_sensitivity(plan, sq, rule, **kw)
+    if not kept:
+        return new, kept, f"keep_sensitive ({rule.describe()}): no layer selected"
+    head = f"keep_sensitive ({rule.describe()}): {len(kept)} layer(s) kept in high precision"
+    return new, kept, head + ":\n" + ignore_lines(kept, sq)
 
 
 def apply_sensitivity(

@@ -135,3 +135,48 @@ def test_measure_weight_sqnr_streams_only_quantized_layers():
     got = quality.measure_weight_sqnr(iter(tensors), plan)
     assert sorted(got) == [f"blocks.{i}.ffn.0" for i in range(4)]
     assert all(10 < v < 30 and math.isfinite(v) for v in got.values())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e4m3fn_tensor", "mxfp4"])
+def test_quantized_weight_sqnr_sampled_rows_are_exact_per_row(fmt):
+    from quant.formats import get_format
+
+    g = torch.Generator().manual_seed(11)
+    w = (0.02 * torch.randn(300, 64, generator=g) * torch.linspace(0.1, 3, 300).unsqueeze(1)).bfloat16()
+    qw = get_format(fmt).quantize(w)
+    full = quality.quantized_weight_sqnr_db(w, qw, rows=None)
+    assert full == pytest.approx(quality.sqnr_db(w, qw.dequantize(torch.float32)))
+    idx = quality.sample_rows(300, 50)
+    assert idx.numel() == 50 and idx[0] == 0 and idx[-1] == 299
+    expect = quality.sqnr_db(w[idx], qw.dequantize(torch.float32)[idx])
+    assert quality.quantized_weight_sqnr_db(w, qw, rows=50) == pytest.approx(expect, abs=1e-6)
+    assert quality.quantized_weight_sqnr_db(w, qw, rows=1000) == pytest.approx(full)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e4m3fn_tensor", "mxfp4"])
+def test_estimate_weight_sqnr_matches_full_quantization_rows(fmt):
+    from quant.formats import get_format
+
+    g = torch.Generator().manual_seed(12)
+    w = 0.02 * torch.randn(400, 96, generator=g) * torch.linspace(0.05, 2, 400).unsqueeze(1)
+    w[123, 7] = 1.5  # the tensor amax sits in a row the sample does not contain
+    full = get_format(fmt).quantize(w).dequantize(torch.float32)
+    idx = quality.sample_rows(400, 64)
+    assert 123 not in idx.tolist()
+    expect = quality.sqnr_db(w[idx], full[idx])
+    assert quality.estimate_weight_sqnr_db(w, fmt, rows=64) == pytest.approx(expect, abs=1e-6)
+    assert quality.estimate_weight_sqnr_db(w, fmt, rows=None) == pytest.approx(quality.sqnr_db(w, full))
+
+
+def test_plan_with_sensitivity_text_and_noop():
+    plan = _plan("mxfp4")
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"blocks.{i}.ffn.0.weight": 0.02 * torch.randn(512, 256, generator=g) for i in range(4)}
+    # heavy tails (cube of a Gaussian): each MX block's max is far above its typical value
+    tensors["blocks.2.ffn.0.weight"] = tensors["blocks.2.ffn.0.weight"] ** 3 * 100
+    new, kept, text = quality.plan_with_sensitivity(plan, tensors.items(), "worst 25%")
+    assert kept == ["blocks.2.ffn.0"]
+    assert not new.decision("blocks.2.ffn.0").quantize
+    assert "1 layer(s) kept" in text and "blocks.2.ffn.0  #" in text
+    same, none, t2 = quality.plan_with_sensitivity(plan, tensors.items(), "none")
+    assert same is plan and none == [] and t2 == ""
