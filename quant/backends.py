@@ -316,6 +316,9 @@ def scaled_mm_args(xq: torch.Tensor, x_scale: torch.Tensor, qw: QuantizedWeight)
     }
 
 
+_ROWWISE_UNSUPPORTED: set[str] = set()  # devices where row-wise _scaled_mm raised
+
+
 def _scaled_mm_run(x, qw, bias, compute):
     from . import fp8
     from .linear import reference_linear
@@ -330,9 +333,24 @@ def _scaled_mm_run(x, qw, bias, compute):
     # Eager activation quantization for now; fused kernels (quant/kernels) register above this.
     xq, xs = fp8.quantize_activation(x2, qw.qdata.dtype)
     a = scaled_mm_args(xq, xs, qw)
-    out = torch._scaled_mm(
-        a["mat1"], a["mat2"], scale_a=a["scale_a"], scale_b=a["scale_b"], out_dtype=a["out_dtype"]
-    )
+    out = None
+    if str(x.device) not in _ROWWISE_UNSUPPORTED:
+        try:
+            out = torch._scaled_mm(
+                a["mat1"], a["mat2"], scale_a=a["scale_a"], scale_b=a["scale_b"], out_dtype=a["out_dtype"]
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            # Row-wise scaling needs sm_90 CUTLASS kernels or cuBLASLt >= 12.9 (outer-vector
+            # scales); builds without them raise. Fall back once per device, say so once.
+            _ROWWISE_UNSUPPORTED.add(str(x.device))
+            log.warning("torch._scaled_mm has no row-wise scaling here (%s); using unit-scale FP8 "
+                        "GEMM with fp32 output and applying the scales after it", str(e).splitlines()[0])
+    if out is None:
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        out = torch._scaled_mm(a["mat1"], a["mat2"], scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = out.mul_(a["scale_a"]).mul_(a["scale_b"])
     out = out.to(x.dtype)
     if bias is not None:
         out += bias.to(x.dtype)

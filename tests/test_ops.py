@@ -252,3 +252,27 @@ def test_scaled_mm_run_on_cpu_with_fake_scaled_mm(monkeypatch):
     ref = quantized_linear(x, qw, bias, compute="w8a8")
     assert y.shape == (2, 3, 48) and y.dtype == torch.float16
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_scaled_mm_falls_back_when_rowwise_is_missing(monkeypatch):
+    """Builds without row-wise scaling (pre-12.9 cuBLASLt off sm_90) raise: the backend then runs a
+    unit-scale GEMM with fp32 output and applies both scales itself, with the same result."""
+    calls = []
+
+    def tensorwise_only(a, b, scale_a, scale_b, out_dtype):
+        calls.append((scale_a.numel(), scale_b.numel(), out_dtype))
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("scaled_gemm with rowwise scaling is only supported for CUDA 12.9 and above")
+        return ((a.float() @ b.float()) * scale_a * scale_b).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", tensorwise_only)
+    monkeypatch.setattr(backends, "_ROWWISE_UNSUPPORTED", set())
+    qw = get_format("fp8").quantize(torch.randn(32, 64))
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    run = backends.get_backend("scaled_mm").run
+    y1 = run(x, qw, None, "w8a8")
+    y2 = run(x, qw, None, "w8a8")  # remembered: no second row-wise attempt
+    assert [c[0] for c in calls] == [5, 1, 1] and calls[1][2] == torch.float32
+    ref = quantized_linear(x, qw, compute="w8a8")
+    torch.testing.assert_close(y1, ref)
+    torch.testing.assert_close(y2, ref)
