@@ -166,57 +166,23 @@ class Mxfp4Format(WeightFormat):
 FP8_COMPUTES = ("w8a8", "w8a16")
 MXFP4_COMPUTES = ("w4a4", "w4a8", "w4a16")
 
+_FP8 = {"bits_per_weight": 8.0, "min_in_multiple": 1, "kind": "fp8", "computes": FP8_COMPUTES}
+_MX = {"bits_per_weight": MXFP4_BITS_PER_WEIGHT, "min_in_multiple": MX_BLOCK_SIZE, "kind": "mxfp4",
+       "computes": MXFP4_COMPUTES}
+
 FORMATS: dict[str, WeightFormat] = {
     f.name: f
     for f in (
-        Fp8Format(
-            "fp8_e4m3fn",
-            8.0,
-            1,
-            "fp8",
-            FP8_COMPUTES,
-            "FP8 e4m3fn, one fp32 scale per output channel (NVIDIA sm_89+, MI350)",
-            torch.float8_e4m3fn,
-            "channel",
-        ),
-        Fp8Format(
-            "fp8_e4m3fnuz",
-            8.0,
-            1,
-            "fp8",
-            FP8_COMPUTES,
-            "FP8 e4m3fnuz (max 240), one fp32 scale per output channel (MI300 / gfx942)",
-            torch.float8_e4m3fnuz,
-            "channel",
-        ),
-        Fp8Format(
-            "fp8_e4m3fn_tensor",
-            8.0,
-            1,
-            "fp8",
-            FP8_COMPUTES,
-            "FP8 e4m3fn, one fp32 scale per tensor (ComfyUI's own scaled-fp8 layout; less accurate)",
-            torch.float8_e4m3fn,
-            "tensor",
-        ),
-        Mxfp4Format(
-            "mxfp4",
-            MXFP4_BITS_PER_WEIGHT,
-            MX_BLOCK_SIZE,
-            "mxfp4",
-            MXFP4_COMPUTES,
-            "MXFP4 (OCP MX v1.0), AITER dynamic_mxfp4_quant rounding, bit-exact",
-            "even",
-        ),
-        Mxfp4Format(
-            "mxfp4_ocp",
-            MXFP4_BITS_PER_WEIGHT,
-            MX_BLOCK_SIZE,
-            "mxfp4",
-            MXFP4_COMPUTES,
-            "MXFP4 with OCP MX v1.0 / torchao FLOOR scale rounding (ties to even)",
-            "floor",
-        ),
+        Fp8Format(name="fp8_e4m3fn", dtype=torch.float8_e4m3fn, granularity="channel", **_FP8,
+                  description="FP8 e4m3fn, one fp32 scale per output channel (NVIDIA sm_89+, MI350)"),
+        Fp8Format(name="fp8_e4m3fnuz", dtype=torch.float8_e4m3fnuz, granularity="channel", **_FP8,
+                  description="FP8 e4m3fnuz (max 240), one fp32 scale per output channel (MI300 / gfx942)"),
+        Fp8Format(name="fp8_e4m3fn_tensor", dtype=torch.float8_e4m3fn, granularity="tensor", **_FP8,
+                  description="FP8 e4m3fn, one fp32 scale per tensor (as ComfyUI's scaled fp8)"),
+        Mxfp4Format(name="mxfp4", rounding="even", **_MX,
+                    description="MXFP4 (OCP MX v1.0), AITER dynamic_mxfp4_quant rounding, bit-exact"),
+        Mxfp4Format(name="mxfp4_ocp", rounding="floor", **_MX,
+                    description="MXFP4 with OCP MX v1.0 / torchao FLOOR scale rounding (ties to even)"),
     )
 }
 
