@@ -82,8 +82,11 @@ def test_fused_gemm_matches_reference(device, m, k, n, bias, granularity, out_dt
     y = fp8_gemm.fp8_linear_act_fused(x, q, s, b, out_dtype)
     yr = fp8_gemm.fp8_linear_act_fused_reference(x, q, s, b, out_dtype)
     assert y.dtype == out_dtype and y.shape == (m, n)
-    torch.testing.assert_close(y.float(), yr.float(), rtol=1e-5 if out_dtype == torch.float32 else 1e-2,
-                               atol=1e-5 if out_dtype == torch.float32 else 1e-2)
+    # CPU (interpreter): fp32 sums in another order. GPU: Hopper's FP8 tensor cores accumulate
+    # each 128-long group with a shorter mantissa than fp32, so a looser bound there.
+    tight = out_dtype == torch.float32 and device == "cpu"
+    tol = 1e-5 if tight else (2e-3 if out_dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(y.float(), yr.float(), rtol=tol, atol=tol)
     # and it is a good approximation of the unquantized product (1x128-group FP8 ~ 3% on N(0,1))
     exact = x.float() @ w.to(device).t() + (b.float() if bias else 0)
     err = float((yr.float() - exact).norm() / exact.norm())

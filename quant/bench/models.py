@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -97,7 +98,18 @@ def _pack(sub: str):
             PACK, root / "__init__.py", submodule_search_locations=[str(root)])
         mod = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+            importlib.import_module(f"{PACK}.nodes")
+        except ImportError as e:
+            # nodes/__init__ imports comfy_api (and through it PyAV), which a bare ComfyUI copy on a
+            # benchmark machine may lack; the loader's ops module needs only comfy + comfy_kitchen.
+            log.info("pack imported without nodes/__init__ (%s)", e)
+            for name, path in ((PACK, root), (f"{PACK}.nodes", root / "nodes")):
+                stub = types.ModuleType(name)
+                stub.__path__ = [str(path)]
+                sys.modules[name] = stub
+            sys.modules.pop(f"{PACK}.quant", None)
     return importlib.import_module(f"{PACK}.{sub}")
 
 
@@ -196,7 +208,11 @@ def _variant(name, variant, quick, sd, shapes, device):
         model = _build(name, quick, ops, device)
         model.load_state_dict(dict(sd), strict=False)  # dict(): the loader pops the weights it quantizes
         records = ops.load_state.records
-        note = f"{len(plan.quantized())}/{len(plan.decisions)} Linears quantized (family defaults)"
+        every = _plan(shapes, fmt, family, "")  # "" = quantize every eligible Linear
+        note = (f"{len(plan.quantized())}/{len(plan.decisions)} Linears quantized (family defaults; "
+                f"quantize {ops.load_state.quantize_seconds:.2f} s); Linear bytes "
+                f"{plan.bytes_after() / plan.bytes_before():.1%} of bf16, "
+                f"{every.bytes_after() / every.bytes_before():.1%} with every eligible Linear")
     _sync(device)
     return model, time.perf_counter() - t0, records, note
 

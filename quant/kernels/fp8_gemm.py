@@ -29,8 +29,10 @@ def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
     return w_scale.float().reshape(-1, 1).expand(n, 1).reshape(1, n).contiguous()
 
 
-# Hopper FP8 fast accumulation for the row-wise GEMM: chosen by measurement (.dev/notes/D.md).
-FAST_ACCUM = False
+# Hopper FP8 fast accumulation for the row-wise GEMM, chosen by measurement (.dev/notes/D.md):
+# on an H100 it made the GEMM 10-25% faster (1.5-1.85x bf16 instead of 1.2-1.5x) with the same
+# output error against bf16 (3.8% on N(0,1) inputs at K=3072..14336) as the split accumulation.
+FAST_ACCUM = True
 
 
 # ---------------------------------------------------------------- row-wise: quant kernel + _scaled_mm
@@ -137,5 +139,5 @@ def fp8_linear_traceable(
     q, s = quantize_fp8_per_token_reference(x.reshape(-1, x.shape[-1]), w_q.dtype)
     b = None if bias is None else bias.to(torch.bfloat16)
     y = torch._scaled_mm(q, w_q.t(), scale_a=s, scale_b=_w_scale_row(w_scale, n), bias=b,
-                         out_dtype=torch.bfloat16)
+                         out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)
     return y.to(out_dtype).reshape(*x.shape[:-1], n)
