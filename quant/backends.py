@@ -16,7 +16,14 @@ Built in:
   natively via `torch._scaled_mm` with float4_e2m1fn_x2 data and float8_e8m0fnu block scales in
   cuBLAS's swizzled layout; no such GPU here to test it on.
 Plug-ins (engineer D's Triton kernels in quant/kernels, the AITER path in quant/amd.py) call
-`register_backend(Backend(...))` when imported; `choose_backend` imports them lazily once.
+`register_backend(Backend(...))` when imported; `choose_backend` imports them lazily once. E.g.
+
+    register_backend(Backend("aiter_a4w4", kinds=("mxfp4",), computes=("w4a4",), run=run,
+                             check=lambda info, fmt: (info.arch == "gfx950", "AITER gemm_a4w4"),
+                             priority=80, package="amd-aiter (ROCm build)"))
+
+`run(x, qw, bias, compute)` gets x [..., K] and a QuantizedWeight and returns [..., N] in x.dtype;
+`check(info, fmt)` must be cheap and must not import heavy packages (it runs once per device).
 
 To force a backend: `choose_backend(..., backend="name")` raises BackendUnavailableError (naming
 the package to install) when it cannot run. A forced compute mode is always honoured: a device
@@ -296,6 +303,9 @@ def _scaled_mm_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
     return True, f"CUDA {info.arch} FP8 tensor cores via torch._scaled_mm (row-wise scales)"
 
 
+scaled_mm_check = _scaled_mm_check  # public name for plug-ins that build on the same capability rule
+
+
 def _fp8_name(dtype: torch.dtype) -> str:
     return "fp8_e4m3fnuz" if dtype == torch.float8_e4m3fnuz else "fp8_e4m3fn"
 
@@ -411,5 +421,6 @@ __all__ = [
     "registered_backends",
     "run_linear",
     "scaled_mm_args",
+    "scaled_mm_check",
     "unregister_backend",
 ]
