@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quant import mxfp4
 from quant.constants import E2M1_MAGNITUDES
@@ -75,12 +77,15 @@ def test_large_amax_elements():
     assert codes == {"even": 4, "floor": 7, "ceil": 6}
 
 
-def test_tiny_scales_elements():
-    # amax 2^-126: scale 2^-127 (byte 0), element 2.0 exactly (code 4); 2^-140 -> 2^-13 -> 0.
-    codes, scales = mxfp4.quantize(block(2.0**-126, -(2.0**-140)), "floor")
-    assert scales.item() == 0 and unpack(codes)[:2] == [4, 8]
-    back = mxfp4.dequantize(codes, scales, torch.float32)
-    assert back[0, 0].item() == 2.0**-126 and back[0, 1].item() == 0.0
+@pytest.mark.parametrize("rounding", ["even", "floor", "ceil"])
+def test_tiny_scales_and_subnormal_elements(rounding):
+    # amax 2^-126 -> exponent -128 clamped to -127 (byte 0, scale 2^-127, an fp32 subnormal).
+    # Elements: 2^-126 -> 2.0 (code 4); -2^-140 -> -2^-13 -> -0 (0x8); the fp32 subnormals
+    # 2^-127 -> 1.0 (code 2) and 3*2^-129 -> 0.75, a tie that goes to 1.0 both ways (code 2).
+    codes, scales = mxfp4.quantize(block(2.0**-126, -(2.0**-140), 2.0**-127, 3 * 2.0**-129), rounding)
+    assert scales.item() == 0 and unpack(codes)[:4] == [4, 8, 2, 2]
+    back = mxfp4.dequantize(codes, scales, torch.float32)[0, :4].tolist()
+    assert back == [2.0**-126, 0.0, 2.0**-127, 2.0**-127]
 
 
 def test_zero_block_and_negative_zero():
@@ -120,6 +125,8 @@ def _ref_quantize(row: list[float], rounding: str) -> tuple[list[int], int]:
             # round the fp32 mantissa at its top bit: mantissa >= 1.75 -> next power of two
             floor_log2 += 1 if 2 * m >= 1.75 else 0
             e = floor_log2 - 2 if amax >= 2.0**-126 else -1000
+            if floor_log2 >= 128:  # carried into +inf: AITER's log2(inf) clamps to 127
+                e = 127
         elif rounding == "floor":
             e = floor_log2 - 2
         else:
@@ -232,3 +239,29 @@ def test_input_dtypes_match_fp32(dtype):
         a = mxfp4.quantize(w, rounding)
         b = mxfp4.quantize(w.float(), rounding)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+_MIDS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.5, 3.0, 3.5, 5.0, 6.0, 7.0)
+_GRID = [m * s for m in _MIDS for s in (1.0, -1.0)]
+_elem = st.one_of(
+    st.floats(width=32, allow_nan=False, allow_infinity=False),
+    st.sampled_from(_GRID),
+    st.sampled_from([0.0, -0.0, 2.0**-149, -(2.0**-127), 2.0**-126, 1.75 * 2.0**127, -3.0e38]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    vals=st.lists(_elem, min_size=32, max_size=32),
+    exp=st.sampled_from([0, 0, -130, 100]) | st.integers(-140, 120),
+    rounding=st.sampled_from(["even", "floor", "ceil"]),
+)
+def test_property_matches_independent_reference(vals, exp, rounding):
+    x = torch.tensor([vals], dtype=torch.float64) * 2.0**exp
+    x = x.float()
+    if not torch.isfinite(x).all():
+        return
+    codes, scales = mxfp4.quantize(x, rounding)
+    ref_codes, ref_scale = _ref_quantize(x[0].tolist(), rounding)
+    assert scales.item() == ref_scale
+    assert unpack(codes) == ref_codes
