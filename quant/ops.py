@@ -42,11 +42,35 @@ def _fake(x, qdata, scale, bias, format, compute, backend):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    x, qdata, scale, bias, format, compute, backend = inputs
+    ctx.save_for_backward(qdata, scale)
+    ctx.format, ctx.k, ctx.x_dtype = format, x.shape[-1], x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    """Gradients for x (and bias) only, so LoRA/adapters before a frozen quantized Linear can
+    train: d/dx = grad @ W with W the dequantized weight (straight-through for any activation
+    quantization). The quantized weight itself gets no gradient."""
+    from .formats import QuantizedWeight, get_format
+
+    qdata, scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        qw = QuantizedWeight(ctx.format, qdata, scale, (qdata.shape[0], ctx.k))
+        grad_x = (grad @ get_format(ctx.format).dequantize(qw, grad.dtype)).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None, None, None
+
+
 def _define(name: str) -> None:
     if _op_exists(name):
         return
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(_typed_impl)
     op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _typed_impl(

@@ -276,3 +276,20 @@ def test_scaled_mm_falls_back_when_rowwise_is_missing(monkeypatch):
     ref = quantized_linear(x, qw, compute="w8a8")
     torch.testing.assert_close(y1, ref)
     torch.testing.assert_close(y2, ref)
+
+
+@pytest.mark.parametrize("fmt,compute", [("fp8", "w8a8"), ("mxfp4", "w4a16"), ("mxfp4", "w4a4")])
+def test_backward_to_input_and_bias(fmt, compute):
+    """Adapters before a frozen quantized Linear can train: grads w.r.t. x and bias are those of
+    a plain Linear with the dequantized weight (straight-through for activation quantization)."""
+    qw = get_format(fmt).quantize(torch.randn(24, 64))
+    w = get_format(fmt).dequantize(qw, torch.float32)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    g = torch.randn(3, 5, 24)
+    quantized_linear(x, qw, b, compute=compute).backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, b2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
