@@ -122,6 +122,11 @@ def _make_pattern(token: str, line: int, comment: str = "") -> Pattern:
             ) from e
         return Pattern(token, line, "regex", rx, comment)
     body = strip_prefix(token)
+    if ":" in body:
+        raise PatternError(
+            f"pattern {token!r} (line {line}): layer names have no ':'; the only prefix is 're:' "
+            "(lower case) for a regular expression"
+        )
     if body.startswith(".") or body.endswith(".") or ".." in body:
         raise PatternError(
             f"pattern {token!r} (line {line}): empty segment (a leading, trailing or doubled '.'); "

@@ -4,6 +4,8 @@ regexes, errors naming the pattern and line, and scale."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quant.errors import PatternError
 from quant.patterns import PatternSet, parse_patterns
@@ -113,6 +115,7 @@ def test_prefix_in_pattern_is_dropped():
         ("layers 3", 1, "whitespace"),
         ("w[13", 1, "without a closing"),
         ("w[3-1]", 1, "not a valid glob"),
+        ("RE:^layers", 1, "the only prefix is 're:'"),
     ],
 )
 def test_errors_name_pattern_and_line(text, line, fragment):
@@ -156,3 +159,33 @@ def test_combined_prefilter_with_groups_and_flags_is_exact():
     ps = PatternSet(parse_patterns(text))
     assert ps.match("x.aa.y") == [9]
     assert ps.match("layers.1") == [10]
+
+
+_SEG = st.sampled_from(["layers", "3", "30", "attention", "qkv", "q", "ffn", "w1", "w13", "x_embedder"])
+_PSEG = st.one_of(_SEG, st.sampled_from(["*", "?", "w?", "*_embedder", "layers*", "[13]", "3?"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    names=st.lists(st.lists(_SEG, min_size=1, max_size=5).map(".".join), min_size=1, max_size=20),
+    pats=st.lists(
+        st.one_of(
+            st.lists(_PSEG, min_size=1, max_size=3).map(".".join),
+            st.sampled_from(["re:^layers", "re:q$", "re:\\.3", "re:ffn|attention"]),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_index_agrees_with_brute_force(names, pats):
+    patterns = parse_patterns("\n".join(pats))
+    ps = PatternSet(patterns)
+    for n in names:
+        assert ps.match(n) == [i for i, p in enumerate(patterns) if p.matches(n)]
+        # and with the documented rule for plain patterns: a run of whole segments
+        segs = n.split(".")
+        for i, p in enumerate(patterns):
+            if p.kind == "plain":
+                k = p.text.split(".")
+                whole = any(segs[j : j + len(k)] == k for j in range(len(segs)))
+                assert (i in ps.match(n)) == whole
