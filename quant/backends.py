@@ -214,9 +214,9 @@ def _choose(fmt: WeightFormat, info: DeviceInfo, compute: str, forced: str | Non
 
     skipped: list[str] = []
     for b in registered_backends():
-        if fmt.kind not in b.kinds:
-            continue
         modes = _computes_for(b, fmt)
+        if fmt.kind not in b.kinds or not modes:
+            continue
         ok, why = b.check(info, fmt)
         if not ok:
             skipped.append(f"{b.name}: {why}")
