@@ -39,6 +39,7 @@ FLAGS = [
     "--disable-sync",
 ]
 PREVIEW_MODEL = "oq_preview_zimage_bf16.safetensors"
+TINY_MODEL = "oq_tiny_wan.safetensors"
 
 
 def _skip_reason() -> str | None:
@@ -73,7 +74,7 @@ def srv(server, request):
 
 
 @pytest.fixture(scope="module")
-def page(srv, tmp_path_factory):
+def page(srv, comfyui_path, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     # A returning user: no templates dialog on first start.
@@ -81,6 +82,17 @@ def page(srv, tmp_path_factory):
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     write_sparse_safetensors(srv.models_dir / "diffusion_models" / PREVIEW_MODEL, reference_shapes("zimage"))
+    # Empty placeholders with the workflows' official file names, there before the editor opens
+    # (as for a user who has the files): the combos list them, nothing is loaded for real.
+    for path in WORKFLOWS:
+        for n in json.loads(path.read_text())["nodes"]:
+            for m in n.get("properties", {}).get("models", []):
+                f = srv.models_dir / m["directory"] / m["name"]
+                if not f.exists():
+                    f.write_bytes(b"")
+    from helpers_models import save_model, wan_model
+
+    save_model(wan_model(seed=0), srv.models_dir / "diffusion_models" / TINY_MODEL)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
@@ -99,7 +111,8 @@ def page(srv, tmp_path_factory):
         )
         pg.wait_for_timeout(1000)
         pg.keyboard.press("Escape")
-        pg.frontend_version = pg.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || ''")
+        pg.frontend_version = pg.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+        print(f"ComfyUI frontend {pg.frontend_version} at {srv.base_url}")
         yield pg
         ctx.close()
 
@@ -178,7 +191,7 @@ def test_live_plan_preview(page, srv):
     page.wait_for_timeout(300)
     box = page.locator("[data-testid=onlinequant-panel]").bounding_box()
     page.screenshot(
-        path=str(ARTIFACTS / "loader_preview.png"),
+        path=str(ARTIFACTS / f"loader_preview_fe{page.frontend_version}.png"),
         clip={
             "x": 60,
             "y": max(0, box["y"] - 420),
@@ -199,11 +212,8 @@ def test_listeners_go_with_the_node(page, srv):
     assert not page.errors, page.errors
 
 
-def test_load_report_after_a_real_run(page, srv, comfyui_path):
-    from helpers_models import save_model, wan_model
-
-    name = "oq_tiny_wan.safetensors"
-    save_model(wan_model(seed=0), srv.models_dir / "diffusion_models" / name)
+def test_load_report_after_a_real_run(page, srv):
+    name = TINY_MODEL  # a real (tiny) Wan, saved before the editor opened
     add_loader(page, name)
     page.evaluate(
         """() => {
@@ -215,12 +225,14 @@ def test_load_report_after_a_real_run(page, srv, comfyui_path):
             loader.widgets.find(w => w.name === 'ignored_layers').value = '';
         }"""
     )
+    page.locator("[data-testid=oq-counts]").wait_for(timeout=15_000)  # the preview is there first
     page.evaluate("app.queuePrompt(0, 1)")
     report = page.locator("[data-testid=oq-report]")
     report.wait_for(timeout=120_000)
     text = report.inner_text()
     assert name in text and "fp8_e4m3fn" in text
-    page.screenshot(path=str(ARTIFACTS / "loader_report.png"))
+    assert page.locator("[data-testid=oq-counts]").count() == 1  # the preview stays above the report
+    page.screenshot(path=str(ARTIFACTS / f"loader_report_fe{page.frontend_version}.png"))
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -229,25 +241,19 @@ def test_example_workflow_loads_and_validates(page, srv, path):
     for _ in range(2):  # close what an earlier test left open (e.g. an execution-error dialog)
         page.keyboard.press("Escape")
     page.wait_for_timeout(300)
-    # empty placeholders with the official names: the combos list them, nothing is loaded for real
-    for n in wf["nodes"]:
-        for m in n.get("properties", {}).get("models", []):
-            f = srv.models_dir / m["directory"] / m["name"]
-            if not f.exists():
-                f.write_bytes(b"")
     result = page.evaluate(
         """async (wf) => {
             await app.loadGraphData(wf);
             await new Promise(r => setTimeout(r, 800));
             const dialogs = [...document.querySelectorAll('.p-dialog')]
                 .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 300));
+            const missing = app.graph._nodes.filter(n => n.has_errors).map(n => n.type);
             const p = await app.graphToPrompt();
             const types = Object.values(p.output).map(n => n.class_type);
             const res = await fetch('/api/prompt', {method: 'POST',
                 headers: {'Content-Type': 'application/json'},
                 body: JSON.stringify({prompt: p.output, client_id: 'onlinequant-test'})});
-            return {dialogs, types, status: res.status, body: await res.json(),
-                    missing: app.graph._nodes.filter(n => n.has_errors).map(n => n.type)};
+            return {dialogs, types, missing, status: res.status, body: await res.json()};
         }""",
         wf,
     )
