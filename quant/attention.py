@@ -4,9 +4,10 @@ an adapter with ComfyUI's attention-function signature (quant/ never imports Com
 adapter only speaks tensors).
 
 Scheme (shared by kernel and reference; why each choice is in quant/kernels/fp8_attention.py):
-Q per token and head, K per block of `block_n` tokens and head after subtracting K's mean over
-tokens, V per block, head and channel, all FP8 e4m3fn with fp32 scales; online softmax in fp32
-(exp2, scale folded in); P scaled by 2**8.8 into FP8 for P·V (or P·V in bf16 with `v_fp8=False`).
+Q per token and head, K per block of `block_n` tokens (or per token) and head, after
+subtracting K's mean over tokens and balancing Q/K channel by channel, in INT8 (default) or FP8
+e4m3; V per block, head and channel in FP8 e4m3; fp32 scales; online softmax in fp32 (exp2,
+scale folded in); P scaled by 2**8.8 into FP8 for P·V (or P·V in bf16).
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def fp8_attention_reference(
     *,
     block_n: int = 128,
     qk_int8: bool = True,
-    v_fp8: bool = False,
+    v_fp8: bool = True,
     smooth_k: bool = True,
     balance: bool | None = None,
-    k_per_token: bool = True,
+    k_per_token: bool = False,
 ) -> torch.Tensor:
     """What the kernel computes, in plain PyTorch fp32 (slow; for tests and error studies).
 
@@ -153,19 +154,17 @@ def _op_impl(
     qk_int8: bool,
     v_fp8: bool,
     smooth_k: bool,
+    k_per_token: bool,
 ) -> torch.Tensor:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, LQ, D = q.shape
-    if out_blhd:
+    kw = dict(qk_int8=qk_int8, v_fp8=v_fp8, smooth_k=smooth_k, k_per_token=k_per_token)
+    if out_blhd:  # [B,L,H,D] memory written through a permuted view: Wan's layout, no copy
         out = torch.empty(B, LQ, H, D, device=q.device, dtype=q.dtype)
-        _k.fp8_attention_triton(
-            q, k, v, out.permute(0, 2, 1, 3), qk_int8=qk_int8, v_fp8=v_fp8, smooth_k=smooth_k
-        )
+        _k.fp8_attention_triton(q, k, v, out.permute(0, 2, 1, 3), **kw)
     else:
         out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
-        _k.fp8_attention_triton(
-            q, k, v, out, qk_int8=qk_int8, v_fp8=v_fp8, smooth_k=smooth_k
-        )
+        _k.fp8_attention_triton(q, k, v, out, **kw)
     return out
 
 
@@ -177,6 +176,7 @@ def _op_fake(
     qk_int8: bool,
     v_fp8: bool,
     smooth_k: bool,
+    k_per_token: bool,
 ) -> torch.Tensor:
     B, H, LQ, D = q.shape
     shape = (B, LQ, H, D) if out_blhd else (B, H, LQ, D)
@@ -208,11 +208,16 @@ def fp8_attention(
     out_layout: str | None = None,
     *,
     qk: str = "int8",
-    pv: str = "bf16",
+    pv: str = "fp8",
+    k_scale: str = "block",
     smooth_k: bool = True,
 ) -> torch.Tensor:
-    """Non-causal softmax(q·kᵀ/√D)·v with 8-bit Q·Kᵀ (`qk` "int8" or "fp8") and P·V in `pv`
-    ("bf16": the accurate default, or "fp8": faster, ~4% error; see .dev/notes/E.md).
+    """Non-causal softmax(q·kᵀ/√D)·v with 8-bit Q·Kᵀ and P·V (SageAttention-2's recipe).
+
+    qk: "int8" (default; ~3.5x less error than e4m3 at the same speed, see .dev/notes/E.md) or
+    "fp8" (e4m3). pv: "fp8" (default, the fast one) or "bf16" (about 3x less error, no faster
+    than cuDNN bf16). k_scale: one K scale per "block" of keys (default) or per "token"
+    (slightly more accurate, ~12% slower).
 
     layout "bhld": q/k/v are [B,H,L,D] (any strides, last one 1; Z-Image's movedim views pass
     without a copy). layout "blhd": q/k/v are [B,L,H·D] (Wan), `heads` required.
@@ -233,9 +238,11 @@ def fp8_attention(
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         raise AttentionUnsupportedError(f"fp8_attention: unsupported input: {reason}")
-    if qk not in ("int8", "fp8") or pv not in ("bf16", "fp8"):
-        raise AttentionUnsupportedError(f"fp8_attention: qk={qk!r} pv={pv!r} (qk int8|fp8, pv bf16|fp8)")
-    out = _OP(q, k, v, out_layout == "blhd", qk == "int8", pv == "fp8", smooth_k)
+    if qk not in ("int8", "fp8") or pv not in ("bf16", "fp8") or k_scale not in ("block", "token"):
+        raise AttentionUnsupportedError(
+            f"fp8_attention: qk={qk!r} pv={pv!r} k_scale={k_scale!r} (int8|fp8, bf16|fp8, block|token)"
+        )
+    out = _OP(q, k, v, out_layout == "blhd", qk == "int8", pv == "fp8", smooth_k, k_scale == "token")
     return out.flatten(2) if out_layout == "blhd" else out
 
 

@@ -51,6 +51,11 @@ TUNE_CONFIGS = {
     True: [AttnConfig(64, 128, 4, 3), AttnConfig(128, 128, 8, 3), AttnConfig(64, 128, 4, 4),
            AttnConfig(64, 64, 4, 3), AttnConfig(128, 128, 8, 3, True)],
 }  # fmt: skip
+PUBLIC_MODES = {  # path name -> fp8_attention kwargs
+    "ours_int8qk_fp8pv": {},  # the default
+    "ours_int8qk_bf16pv": dict(pv="bf16"),
+    "ours_fp8qk_fp8pv": dict(qk="fp8"),
+}
 SWEPT = ("int8qk_bf16pv_kblk", "int8qk_fp8pv_kblk", "fp8qk_fp8pv_kblk")
 _TUNED: dict[str, AttnConfig] = {}  # mode -> fastest config of this run's sweep
 
@@ -97,10 +102,11 @@ def _paths(heads: int, device) -> dict:
         ).flatten(2)
     except Exception:  # not installed (the H100 image has none)
         pass
-    paths["ours_default"] = lambda q, k, v: fp8_attention(q, k, v, layout="blhd", heads=heads)
+    for name, kw in PUBLIC_MODES.items():  # what users get: fp8_attention, default configs
+        paths[name] = lambda q, k, v, kw=kw: fp8_attention(q, k, v, layout="blhd", heads=heads, **kw)
     for name, kw in MODES.items():
-        if name not in _TUNED and device.type == "cuda":
-            continue  # only modes that the sweep ran (or all of them on the CPU)
+        if name not in _TUNED:
+            continue  # with --tune: every mode at the fastest config of the sweep
 
         def fn(q, k, v, kw=kw, name=name):
             qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
@@ -229,8 +235,7 @@ def check(device: torch.device, modes=None) -> list[dict]:
 
     rows = []
     cases = [(128, mode) for mode in (modes or MODES)]
-    if modes is None:
-        cases += [(d, m) for d in (64, 256) for m in ("int8qk_bf16pv_ktok", "int8qk_fp8pv_kblk")]
+    cases += [(d, m) for d in (64, 256) for m in ("int8qk_fp8pv_kblk",)]
     g = torch.Generator(device=device).manual_seed(1)
     for d, mode in cases:
         kw = MODES[mode]
@@ -239,7 +244,7 @@ def check(device: torch.device, modes=None) -> list[dict]:
         k, v = (torch.randn(B, LK, H * d, generator=g, device=device).to(torch.bfloat16) for _ in range(2))
         k = k + 3 * torch.randn(H * d, generator=g, device=device).to(torch.bfloat16)
         views = [t.unflatten(-1, (H, d)).transpose(1, 2) for t in (q, k, v)]
-        cfg = default_config(d, device)
+        cfg = default_config(d, device, **kw)
         ref = fp8_attention_reference(*views, block_n=cfg.block_n, **kw)
         exact = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in views))
         o1 = torch.empty_like(q).unflatten(-1, (H, d))  # [B,L,H,D] memory, as Wan wants it
@@ -252,6 +257,14 @@ def check(device: torch.device, modes=None) -> list[dict]:
                    kernel_vs_fp32=rel_l2(o2, exact), finite=bool(torch.isfinite(o1).all()))  # fmt: skip
         rows.append(row)
         log.info("%s", row)
+    from ..kernels.fp8_attention import attention_stats, attention_stats_triton
+
+    q, k = (torch.randn(1, 1000, 4, 128, device=device).to(torch.bfloat16).transpose(1, 2) for _ in range(2))
+    a = attention_stats(q, k, smooth_k=True, balance=True)
+    b = attention_stats_triton(q, k, smooth_k=True, balance=True)
+    diffs = [float((x - y).abs().max()) for x, y in zip(a, b, strict=True)]
+    rows.append(dict(table="attention_check", stats_max_abs_diff=diffs))
+    log.info("%s", rows[-1])
     return rows
 
 

@@ -201,3 +201,42 @@ def attn_fwd_kernel(
         o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty), mask=row_ok,
     )  # fmt: skip
+
+
+@triton.jit
+def stats_kernel(
+    q_ptr, k_ptr, part_ptr,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    H, LQ, LK, NCHUNK, CHUNK,
+    D: tl.constexpr, BLOCK: tl.constexpr, BALANCE: tl.constexpr,
+):  # fmt: skip
+    """Partial per-channel statistics over one chunk of tokens of one (batch, head): sum of K,
+    and with BALANCE min/max of K and amax|Q|. Written to part[bh, chunk, 4, D]; the launcher
+    finishes the (short) reduction over chunks. One read of Q and K instead of PyTorch's three
+    strided reductions."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_d = tl.arange(0, D)
+    ksum = tl.zeros([D], tl.float32)
+    kmin = tl.full([D], float("inf"), tl.float32)
+    kmax = tl.full([D], float("-inf"), tl.float32)
+    qabs = tl.zeros([D], tl.float32)
+    for start in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        okk = (offs < LK)[:, None]
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kl + offs_d[None, :],
+                    mask=okk, other=0.0).to(tl.float32)  # fmt: skip
+        ksum += tl.sum(k, axis=0)
+        if BALANCE:
+            kmin = tl.minimum(kmin, tl.min(tl.where(okk, k, float("inf")), axis=0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(okk, k, float("-inf")), axis=0))
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs[:, None] * stride_ql + offs_d[None, :],
+                        mask=(offs < LQ)[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            qabs = tl.maximum(qabs, tl.max(tl.abs(q), axis=0))
+    base = part_ptr + (pid_bh * NCHUNK + pid_c) * 4 * D
+    tl.store(base + offs_d, ksum)
+    tl.store(base + D + offs_d, kmin)
+    tl.store(base + 2 * D + offs_d, kmax)
+    tl.store(base + 3 * D + offs_d, qabs)

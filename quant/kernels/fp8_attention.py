@@ -1,18 +1,22 @@
-"""Triton FP8 attention for Hopper/Ada (issue 8): a K/V quantization pre-pass, then a
-FlashAttention-style forward with FP8 Q·Kᵀ and FP8 (or bf16) P·V.
+"""Triton 8-bit attention for Hopper/Ada (issue 8): a stats pass and a K/V quantization
+pass, then a FlashAttention-style forward with 8-bit Q·Kᵀ and FP8 (or bf16) P·V.
 
 What is quantized, and why (quant/attention.py holds the plain-PyTorch twin, `fp8_attention_reference`):
-- Q: per token and head, inside the attention kernel (each program loads its Q block once, so a
-  separate pass would only add traffic). A per-token scale costs nothing: it folds into the one
-  multiply that already applies softmax's scale and log2(e).
-- K: per block of BLOCK_N tokens and head, after subtracting K's mean over tokens (SageAttention's
-  smoothing: softmax is invariant to adding q·μ to a whole row, and it removes the channel bias that
-  would otherwise set the block's scale).
-- V: per block of BLOCK_N tokens, head and channel, stored transposed ([D, L]) because FP8 wgmma
-  wants both operands K-major. The block's scale multiplies that block's P·V product, which is
-  accumulated in a fresh fp32 tile (Hopper's FP8 MMA accumulates with ~22 bits, so a long running
-  sum inside the MMA would lose precision).
-- P: exp2 of (logit − running max + 8.8), i.e. scaled into e4m3's range (2^8.8 ≈ 446 < 448); the
+- Q·Kᵀ in INT8 by default, FP8 e4m3 as an option. Measured on random and outlier inputs, e4m3's
+  3-bit mantissa gives ~3.5x the output error of INT8 with the same scales (INT8 wgmma runs at
+  the FP8 rate on Hopper). The int32 products become fp32 through the 1.5·2²³ bit trick.
+- Channel balancing: Q/s and K·s per channel with s = sqrt(amax|Q|/amax|K|) leaves Q·Kᵀ unchanged
+  and stops a channel that is large in only one of Q, K from wasting the other's INT8 range
+  (outlier error 30% -> 3%). K's mean over tokens is subtracted first (SageAttention's
+  smoothing; softmax is invariant to adding q·μ to a whole row).
+- Q: per token and head, inside the forward (each program loads its Q block once). A per-token
+  scale costs nothing: it joins the multiply that applies softmax's scale and log2(e).
+- K: per block of BLOCK_N tokens (default; the scale joins Q's row scale, one FMA per logit) or
+  per token (a little more accurate, one more multiply per logit).
+- V: per block of BLOCK_N tokens, head and channel, in FP8 e4m3, stored transposed ([D, L]) because
+  FP8 wgmma wants both operands K-major. Each block's P·V lands in a fresh fp32 tile before it is
+  scaled and added (Hopper's FP8 MMA accumulates with reduced precision; SageAttention-2's fix).
+- P: exp2(logit − running max + 8.8), i.e. scaled into e4m3's range (2^8.8 ≈ 446 < 448); the
   same factor sits in the row sum, so it cancels in the final division.
 
 Triton is imported lazily (the pack must import without it); every launcher here takes tensors
@@ -42,15 +46,29 @@ class AttnConfig:
     warp_specialize: bool = False  # tl.range(warp_specialize=...) on the key loop
 
 
-def default_config(head_dim: int, device: torch.device) -> AttnConfig:
-    """Launch parameters per head dim, chosen on an H100 (see .dev/notes/E.md for the sweep)."""
+def default_config(
+    head_dim: int,
+    device: torch.device,
+    *,
+    qk_int8: bool = True,
+    v_fp8: bool = True,
+    k_per_token: bool = False,
+) -> AttnConfig:
+    """Launch parameters per mode and head dim, from the H100 sweep in .dev/notes/E.md
+    (`python -m quant.bench.attention --tune`); D=64/256 are untuned guesses."""
     if device.type != "cuda":  # interpreter: small blocks keep CPU tests fast
         return AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return AttnConfig(block_m=128, block_n=128, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-    return AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    if head_dim > 128:  # registers: a 128x256 fp32 accumulator needs smaller row blocks
+        return AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    if head_dim < 128:
+        return AttnConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if v_fp8:
+        if qk_int8 and not k_per_token:
+            return AttnConfig(128, 128, 8, 3)  # 14.53 ms at Wan 5B (64x128 w4: 14.78)
+        return AttnConfig(64, 128, 4, 3)  # FP8 Q·K: 13.66 ms (128x128 w8: 15.88)
+    if k_per_token:
+        return AttnConfig(128, 64, 8, 3)
+    return AttnConfig(128, 128, 8, 3)  # 15.75 ms (128x64 w8: 16.13)
 
 
 def interpreting() -> bool:
@@ -62,6 +80,44 @@ def _kernels():
     from . import _tl_fp8_attention as tlk
 
     return tlk.quant_kv_kernel, tlk.attn_fwd_kernel
+
+
+def _finish_stats(
+    mean: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, qamax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kamax = torch.maximum(kmax - mean, mean - kmin)
+    ok = (kamax > 0) & (qamax > 0)
+    s = torch.where(ok, torch.sqrt(qamax / kamax.clamp_min(1e-30)), torch.ones_like(qamax))
+    s = s.clamp(1e-4, 1e4)
+    return mean.contiguous(), (1.0 / s).contiguous(), s.contiguous()
+
+
+def attention_stats_triton(
+    q: torch.Tensor, k: torch.Tensor, *, smooth_k: bool, balance: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention_stats` with one fused pass over Q and K (Triton), same results up to the
+    order of the fp32 sum."""
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    if not smooth_k and not balance:
+        return attention_stats(q, k, smooth_k=False, balance=False)
+    from . import _tl_fp8_attention as tlk
+
+    block = 32 if interpreting() else 64
+    L = max(LQ, LK) if balance else LK
+    chunk = block * max(1, -(-L // (block * 64)))  # ~64 chunks per head: enough programs
+    nchunk = -(-L // chunk)
+    part = torch.empty(B * H, nchunk, 4, D, device=q.device, dtype=torch.float32)
+    tlk.stats_kernel[(nchunk, B * H)](
+        q, k, part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        H, LQ, LK, nchunk, chunk, D=D, BLOCK=block, BALANCE=balance, num_warps=4,
+    )  # fmt: skip
+    part = part.view(B, H, nchunk, 4, D)
+    mean = part[:, :, :, 0].sum(2) / LK if smooth_k else torch.zeros(B, H, D, device=q.device)
+    if not balance:
+        one = torch.ones(B, H, D, device=q.device, dtype=torch.float32)
+        return mean.contiguous(), one, one
+    return _finish_stats(mean, part[:, :, :, 1].amin(2), part[:, :, :, 2].amax(2), part[:, :, :, 3].amax(2))
 
 
 def attention_stats(
@@ -81,13 +137,9 @@ def attention_stats(
         one = torch.ones(B, H, D, device=q.device, dtype=torch.float32)
         return mean.contiguous(), one, one
     kmin, kmax = torch.aminmax(k, dim=2)
-    kamax = torch.maximum(kmax.float() - mean, mean - kmin.float())
     qmin, qmax = torch.aminmax(q, dim=2)
     qamax = torch.maximum(qmax.float(), -qmin.float())
-    ok = (kamax > 0) & (qamax > 0)
-    s = torch.where(ok, torch.sqrt(qamax / kamax.clamp_min(1e-30)), torch.ones_like(qamax))
-    s = s.clamp(1e-4, 1e4)
-    return mean.contiguous(), (1.0 / s).contiguous(), s.contiguous()
+    return _finish_stats(mean, kmin.float(), kmax.float(), qamax)
 
 
 def fp8_attention_triton(
@@ -97,10 +149,10 @@ def fp8_attention_triton(
     out: torch.Tensor,
     *,
     qk_int8: bool = True,
-    v_fp8: bool = False,
+    v_fp8: bool = True,
     smooth_k: bool = True,
     balance: bool | None = None,
-    k_per_token: bool = True,
+    k_per_token: bool = False,
     config: AttnConfig | None = None,
 ) -> torch.Tensor:
     """Run the pre-pass and the forward. q [B,H,LQ,D], k/v [B,H,LK,D], out [B,H,LQ,D]: any
@@ -108,7 +160,9 @@ def fp8_attention_triton(
     Writes `out` and returns it. Callers validate shapes/dtypes/devices first.
     `balance` defaults to `qk_int8` (it helps INT8 and is neutral for FP8's relative precision)."""
     quant_kv_kernel, attn_fwd_kernel = _kernels()
-    cfg = config or default_config(q.shape[-1], q.device)
+    cfg = config or default_config(
+        q.shape[-1], q.device, qk_int8=qk_int8, v_fp8=v_fp8, k_per_token=k_per_token
+    )
     balance = qk_int8 if balance is None else balance
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -118,7 +172,7 @@ def fp8_attention_triton(
     dev = q.device
     exact = interpreting()
 
-    kmean, qbal, kbal = attention_stats(q, k, smooth_k=smooth_k, balance=balance)
+    kmean, qbal, kbal = attention_stats_triton(q, k, smooth_k=smooth_k, balance=balance)
     k8 = torch.empty(B * H, lpad, D, device=dev, dtype=torch.int8 if qk_int8 else torch.float8_e4m3fn)
     ks = torch.empty(B * H, lpad if k_per_token else nblk, device=dev, dtype=torch.float32)
     if v_fp8:
