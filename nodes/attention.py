@@ -137,8 +137,34 @@ def _cudnn_run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 
 
+def _fp8_available() -> str | None:
+    from ..quant.attention import runtime_unavailable_reason
+
+    return runtime_unavailable_reason()
+
+
+def _fp8_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> str | None:
+    from ..quant.attention import unsupported_reason
+
+    return unsupported_reason(q, k, v, mask)
+
+
+def _fp8_run(q: Tensor, k: Tensor, v: Tensor, pv: str = "fp8") -> Tensor:
+    from ..quant.attention import fp8_attention_bhld
+
+    return fp8_attention_bhld(q, k, v, pv=pv)
+
+
 def _builtin_backends() -> list[AttentionBackend]:
     return [
+        AttentionBackend(  # issue 8 (engineer E): quant/attention.py, measured in .dev/notes/E.md
+            "fp8", "8-bit attention, Triton (INT8 Q·Kᵀ, FP8 P·V; NVIDIA sm_89+): fastest, ~4% output error",
+            _fp8_available, _fp8_unsupported, _fp8_run,
+        ),
+        AttentionBackend(
+            "fp8_bf16pv", "8-bit Q·Kᵀ with bf16 P·V, Triton (NVIDIA sm_89+): ~1% error, no faster than cuDNN",
+            _fp8_available, _fp8_unsupported, lambda q, k, v: _fp8_run(q, k, v, pv="bf16"),
+        ),
         AttentionBackend(
             "flash_attn_2", "FlashAttention 2 (flash_attn_func); the fast choice on AMD ROCm",
             _fa2_available, _flash_unsupported, _fa2_run,

@@ -289,6 +289,25 @@ def unsupported_comfy_reason(
     return unsupported_reason(*(t.unflatten(-1, (heads, d)).transpose(1, 2) for t in (q, k, v)))
 
 
+def runtime_unavailable_reason() -> str | None:
+    """Why the kernel can't run in this process at all (no CUDA GPU, older than sm_89, ROCm, no
+    Triton), or None. For a node's one-time "unavailable" message."""
+    if not torch.cuda.is_available():
+        return "the FP8 attention kernel needs an NVIDIA GPU (sm_89+: Ada/Hopper) and Triton"
+    return _device_reason(torch.device("cuda"))
+
+
+def fp8_attention_bhld(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pv: str = "fp8", qk: str = "int8"
+) -> torch.Tensor:
+    """[B,H,L,D] in, [B,H,L,D] out, for backend registries that speak that layout. The output is
+    a view of [B,L,H,D] memory, so the caller's `out.transpose(1, 2).reshape(B, L, H·D)` (Wan,
+    Z-Image) costs no copy."""
+    B, H, LQ, D = q.shape
+    out = fp8_attention(q, k, v, layout="bhld", out_layout="blhd", qk=qk, pv=pv)
+    return out.unflatten(-1, (H, D)).transpose(1, 2)
+
+
 def attention_flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> float:
     """Matrix FLOPs of one non-causal forward (2 products, 2 FLOPs per multiply-add)."""
     return 4.0 * batch * heads * lq * lk * head_dim
@@ -299,7 +318,9 @@ __all__ = [
     "attention_flops",
     "comfy_fp8_attention",
     "fp8_attention",
+    "fp8_attention_bhld",
     "fp8_attention_reference",
+    "runtime_unavailable_reason",
     "unsupported_comfy_reason",
     "unsupported_reason",
 ]
