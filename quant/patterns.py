@@ -42,6 +42,7 @@ that contain one of its literal segments; regexes are tried on every name.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -99,7 +100,8 @@ def _glob_to_regex(glob: str, text: str, line: int) -> str:
             neg = body.startswith("!")
             if neg:
                 body = body[1:]
-            body = body.replace("\\", "\\\\").replace("^", "\\^")
+            # Everything but '-' (ranges) is literal inside a glob class.
+            body = "".join(ch if ch == "-" else re.escape(ch) for ch in body)
             # A class never matches a dot, so the dot-boundary rule holds for classes too.
             out.append(f"[^.{body}]" if neg else f"(?![.])[{body}]")
             i = j
@@ -115,7 +117,10 @@ def _make_pattern(token: str, line: int, comment: str = "") -> Pattern:
         if not body:
             raise PatternError(f"pattern {token!r} (line {line}): empty regular expression after 're:'")
         try:
-            rx = re.compile(body)
+            with warnings.catch_warnings():
+                # e.g. "possible nested set": valid today; not worth a console line per load
+                warnings.simplefilter("ignore", FutureWarning)
+                rx = re.compile(body)
         except re.error as e:
             raise PatternError(
                 f"pattern {token!r} (line {line}) is not a valid regular expression: {e}"
