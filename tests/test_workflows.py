@@ -209,3 +209,28 @@ def test_comfyui_lists_and_serves_the_workflows(comfy_server):
     for name in EXPECTED:
         served = comfy_server.get_json(f"/api/workflow_templates/ComfyUI-OnlineQuant/{name}.json")
         assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+
+
+def test_pack_loads_without_errors_in_the_log(comfy_server, object_info):
+    """Installed as ComfyUI Manager does (a folder in custom_nodes/), on a CPU-only ComfyUI."""
+    log = comfy_server.log_text()
+    import_lines = [
+        ln for ln in log.splitlines() if "custom_nodes/ComfyUI-OnlineQuant" in ln and "seconds" in ln
+    ]
+    assert import_lines and not any("IMPORT FAILED" in ln for ln in import_lines), import_lines
+    lines = log.splitlines()
+    for bad in ("Error while calling comfy_entrypoint", "Cannot import"):
+        assert not any(bad in ln and "OnlineQuant" in ln for ln in lines), bad
+    for i, ln in enumerate(lines):  # no traceback that runs through this pack's files
+        if ln.startswith("Traceback"):
+            assert not any("ComfyUI-OnlineQuant/" in x for x in lines[i : i + 40]), "\n".join(
+                lines[i : i + 40]
+            )
+    assert {"OnlineQuantDiffusionLoader", "OnlineQuantAttention"} <= set(object_info)
+    # the web extension's files are served where the frontend imports them from
+    for js in ("plan_preview.js", "load_report.js", "oq_panel.js"):
+        status, body = comfy_server.request(f"/extensions/ComfyUI-OnlineQuant/{js}")
+        assert status == 200, js
+        assert (b"app.registerExtension" in body) == (js != "oq_panel.js"), js
+    listed = comfy_server.get_json("/extensions")
+    assert "/extensions/ComfyUI-OnlineQuant/plan_preview.js" in listed
