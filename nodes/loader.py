@@ -32,6 +32,7 @@ import torch
 from ..quant.errors import CheckpointError
 from ..quant.families import default_ignore_text, detect_family
 from ..quant.formats import FORMATS, get_format
+from ..quant.safetensors_header import classify_checkpoint, read_header
 from ..quant.selection import build_plan, linears_from_shapes
 from .ops import make_ops
 from .report import LayerRecord, LoadReport
@@ -117,6 +118,22 @@ def load_quantized(
         quantization = get_format(quantization).name  # unknown -> ValueError listing the formats
 
     name = os.path.basename(unet_path)
+    prequantized_note = None
+    if unet_path.lower().endswith((".safetensors", ".sft")):
+        # Validate the header first (G's strict reader): LFS pointers, HTML pages, truncated or
+        # malformed files get an error naming the file and what it is, before ComfyUI reads it.
+        kind = classify_checkpoint(read_header(unet_path))
+        if kind.prequantized:
+            if not kind.comfyui_loads:
+                raise CheckpointError(
+                    f"{unet_path}: already quantized ({kind.detail}; e.g. {', '.join(kind.examples)}); "
+                    "ComfyUI cannot load it: use the bf16/fp16 file of this model"
+                )
+            if not plain:
+                prequantized_note = (
+                    f"the file is already quantized ({kind.detail}): loaded as it is, no online quantization"
+                )
+                plain = True
     try:
         sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
     except Exception as e:
@@ -126,6 +143,8 @@ def load_quantized(
     detected = detect_family(list(shapes), shapes)
     fam = family or detected
     report = LoadReport(model_file=name, format=quantization, family=fam, compute_dtype=compute_dtype)
+    if prequantized_note:
+        report.notes.append(prequantized_note)
     if family and family != detected:
         report.notes.append(f"family set to {family!r} (detected {detected!r})")
     if fam == "generic":
