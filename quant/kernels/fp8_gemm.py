@@ -58,6 +58,13 @@ def fp8_linear_rowwise(
     out_dtype = out_dtype or x.dtype
     n, k = w_q.shape
     q, s = quantize_fp8_per_token(_flat(x), w_q.dtype)
+    if n % 16 or k % 16:
+        # cuBLASLt FP8 needs K and N multiples of 16: same quantization, fp32 emulated GEMM
+        # (rare: every Z-Image / Wan Linear that is quantized meets it).
+        y = (q.float() @ w_q.float().t()) * s * _w_scale_row(w_scale, n)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(out_dtype).reshape(*x.shape[:-1], n)
     # Row-wise _scaled_mm writes bf16 only; other dtypes cost one cast of the output.
     mm_dtype = torch.bfloat16
     b = None if bias is None else bias.to(mm_dtype)

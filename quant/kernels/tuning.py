@@ -1,10 +1,18 @@
-"""Per-shape choice between the FP8 paths, from measurements on an H100 (see .dev/notes/D.md for
-the table and the command that produced it: `python -m quant.bench --sections gemm`).
+"""Per-shape choice between the GEMM paths, from measurements on an H100 80GB (torch 2.11+cu130,
+Triton 3.6; `python -m quant.bench --sections gemm`, tables in .dev/notes/D.md).
 
-Rule: the row-wise path (Triton per-token quant + cuBLAS `_scaled_mm`) unless the fused Triton
-GEMM measured faster for that (K, N) at large M; small M (< 256 tokens) always row-wise (the fused
-kernel's 128-row tiles waste most of their work there). Shapes `_scaled_mm` cannot take (K or N
-not a multiple of 16) go to the fused kernel, which has no such constraint.
+FP8 (every Z-Image / Wan Linear shape, M = 4096 and 32760):
+- row-wise: Triton per-token quant (2.1-3.0 TB/s) + `_scaled_mm` row-wise with fast accumulation:
+  1.3-1.95x bf16, error 3.8% vs bf16 on N(0,1) data;
+- fused Triton block-FP8 GEMM (1x128 activation groups quantized in the tile load): 0.44-0.55x
+  bf16 (310-370 TFLOP/s; the quantize-in-registers A operand and the per-group rescale of the
+  accumulator keep it far from cuBLAS). It won no shape, so FP8_PATH_BY_SHAPE is empty; it runs
+  only where `_scaled_mm` cannot (K or N not a multiple of 16).
+MXFP4 (W4A16): decode to a transient bf16 workspace + cuBLAS: 0.90-1.11x bf16; in-register decode
+GEMMs: 0.30-0.36x (hand-written) and 0.39-0.47x (`tl.dot_scaled`): the decode is ALU work that
+the bf16 wgmma cannot hide at these tile sizes. Fused decode is kept for small M, where reading
+0.53 bytes per weight once beats writing a workspace first (not measured on H100: diffusion
+steps never run fewer than thousands of tokens per Linear).
 """
 
 from __future__ import annotations
