@@ -206,8 +206,19 @@ def test_live_plan_preview(page, srv):
 def test_listeners_go_with_the_node(page, srv):
     add_loader(page, PREVIEW_MODEL)
     page.locator("[data-testid=oq-counts]").wait_for(timeout=15_000)
-    page.evaluate("app.graph.clear()")
-    page.wait_for_timeout(500)
+    requests = []
+    page.on("request", lambda r: requests.append(r.url) if "onlinequant/plan" in r.url else None)
+    # an edit schedules a (debounced) preview; removing the node right away must cancel it
+    page.evaluate(
+        """() => {
+            const n = app.graph._nodes.find(n => n.comfyClass === 'OnlineQuantDiffusionLoader');
+            const w = n.widgets.find(w => w.name === 'min_out_features');
+            w.value = 512; w.callback?.(w.value);
+            app.graph.remove(n);
+        }"""
+    )
+    page.wait_for_timeout(1000)
+    assert requests == []
     assert page.locator("[data-testid=onlinequant-panel]").count() == 0
     assert not page.errors, page.errors
 
