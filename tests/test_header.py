@@ -244,3 +244,41 @@ def test_library_rejects_what_we_reject_for_format_rules(tmp_path):
             write(p, content, b"\0\0")
         with pytest.raises(SafetensorError), safe_open(str(p), "pt"):
             pass
+
+
+def test_lazy_state_dict_loads_a_module_exactly(tmp_path):
+    from quant.safetensors_header import lazy_state_dict
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+
+    m = make().to(torch.bfloat16)
+    p = str(tmp_path / "m.safetensors")
+    save_file(m.state_dict(), p)
+    sd = lazy_state_dict(p)
+    assert {k: (v.shape, v.dtype) for k, v in sd.items()} == {
+        k: (v.shape, v.dtype) for k, v in m.state_dict().items()
+    }
+    m2 = make().to(torch.bfloat16)
+    m2.load_state_dict(sd)
+    assert all(torch.equal(a, m2.state_dict()[k]) for k, a in m.state_dict().items())
+    w = sd["0.weight"]
+    assert type(w.to(torch.bfloat16)) is torch.Tensor  # a real tensor, e.g. for nn.Parameter
+    assert torch.equal(w.float().abs().amax(), m[0].weight.float().abs().amax())
+    with pytest.raises(RuntimeError, match="read-only"):
+        w.mul_(2)
+    reader = w._reader
+    _ = sd["2.weight"] + 0
+    assert reader.last is not None and reader.last[0] == "2.weight"  # holds one tensor at most
+
+
+def test_lazy_state_dict_truncated_file_raises_checkpoint_error(tmp_path):
+    from quant.safetensors_header import lazy_state_dict
+
+    p = str(tmp_path / "m.safetensors")
+    save_file({"a": torch.ones(256), "b": torch.ones(256)}, p)
+    sd = lazy_state_dict(p)
+    assert torch.equal(sd["a"] + 0, torch.ones(256))
+    os.truncate(p, os.path.getsize(p) - 100)
+    with pytest.raises(CheckpointError, match="file ended while reading tensor 'b'"):
+        sd["b"] + 0
