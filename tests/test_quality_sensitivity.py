@@ -87,3 +87,16 @@ def test_rule_locality_and_keeps():
 def test_ignore_lines_text():
     text = quality.ignore_lines(["blocks.3.ffn.2", "head.head"], {"blocks.3.ffn.2": 12.345}, header="kept")
     assert text.splitlines() == ["# kept", "blocks.3.ffn.2  # 12.3 dB", "head.head"]
+
+
+@pytest.mark.parametrize("model", ["zimage", "wan21_i2v_14b", "wan22_5b"])
+def test_ignore_lines_match_exactly_the_chosen_layers(model):
+    """The pasted text, read by the pattern language of quant/patterns.py, selects exactly the
+    chosen layers of the real model's Linear layers and nothing else."""
+    from quant.patterns import PatternSet, parse_patterns
+    from quant.toy_model import reference_linears
+
+    names = [li.name for li in reference_linears(model)]
+    chosen = names[::17] + [names[-1]]
+    ps = PatternSet(parse_patterns(quality.ignore_lines(chosen, {n: 12.5 for n in chosen}, header="worst")))
+    assert [n for n in names if ps.match(n)] == [n for n in names if n in set(chosen)]
