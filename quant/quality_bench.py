@@ -360,6 +360,138 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# Model-level ablation: which layer family's quantization moves the model output
+# ---------------------------------------------------------------------------------------------
+
+# Z-Image layer families by name (ComfyUI's names; B's toy model uses the same ones).
+ABLATION_GROUPS = {
+    "x_embedder": ("x_embedder",),
+    "cap_embedder": ("cap_embedder",),
+    "t_embedder": ("t_embedder",),
+    "adaLN_modulation": ("adaLN_modulation",),
+    "final_layer": ("final_layer",),
+    "attention.qkv": ("attention.qkv",),
+    "attention.out": ("attention.out",),
+    "feed_forward": ("feed_forward",),
+}
+ABLATION_SCHEMES = {"FP8 W8A8": ("fp8_channel", 8), "MXFP4 W4A16": ("mxfp4_even", None)}
+
+
+def _in_group(name: str, parts: Sequence[str]) -> bool:
+    segs = "." + name + "."
+    return any("." + p + "." in segs for p in parts)
+
+
+def ablation(*, quick: bool = False, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """Output SQNR (dB) of a Z-Image-architecture model (B's quant/toy_model.py: real width 3840
+    and layer names, 1 block + 1 noise/context refiner; `quick`: width 256) against fp32 when
+    ONLY one layer family is quantized, when all but the family's default ignore list are, and
+    when everything is. Caption features carry outlier channels (x20..x100), as text-encoder
+    states do. Random weights N(0, 1/fan_in)."""
+    from .families import default_ignore_text
+    from .patterns import PatternSet, parse_patterns
+    from .toy_model import ToyZImage, build_toy_zimage, toy_inputs
+
+    torch.manual_seed(seed)
+    if quick:
+        model = ToyZImage(layers=1, refiners=1, dim=256, heads=2, ffn=512, cap_dim=2560).eval()
+        for p in model.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]) if p.dim() == 2 else torch.ones_like(p))
+    else:
+        model = build_toy_zimage(layers=1, refiners=1, seed=seed, dtype=torch.float32)
+    lat, t, cap = toy_inputs(seed=seed + 1, size=16, caption_tokens=32)
+    gen = torch.Generator().manual_seed(seed + 2)
+    idx = torch.randperm(cap.shape[-1], generator=gen)[:4]
+    cap[..., idx] *= torch.linspace(20.0, 100.0, 4)
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    orig = {n: m.weight.detach().clone() for n, m in lins.items()}
+    with torch.no_grad():
+        ref = model(lat, t, cap).float()
+    defaults = PatternSet(parse_patterns(default_ignore_text("zimage")))
+    groups = {k: [n for n in lins if _in_group(n, v)] for k, v in ABLATION_GROUPS.items()}
+    groups["all but defaults"] = [n for n in lins if not defaults.match(n)]
+    groups["all"] = list(lins)
+    out: dict[str, dict[str, float]] = {}
+    for scheme, (variant, bits) in ABLATION_SCHEMES.items():
+        cache: dict[str, torch.Tensor] = {}
+        for g, names in groups.items():
+            handles = []
+            with torch.no_grad():
+                for n in names:
+                    if n not in cache:
+                        cache[n] = fake_quantize_weight(orig[n], variant)
+                    lins[n].weight.copy_(cache[n])
+                    if bits:
+                        handles.append(lins[n].register_forward_pre_hook(
+                            lambda mod, args, b=bits: (fake_quantize_activation(args[0], b),)
+                        ))
+                y = model(lat, t, cap).float()
+                for h in handles:
+                    h.remove()
+                for n in names:
+                    lins[n].weight.copy_(orig[n])
+            share = sum(orig[n].numel() for n in names) / sum(w.numel() for w in orig.values())
+            out.setdefault(g, {"params_share": share})[scheme] = sqnr_db(ref, y)
+            if progress:
+                progress(f"ablation {scheme:12s} {g:18s} {out[g][scheme]:6.1f} dB")
+    return {"quick": quick, "groups": out}
+
+
+def ablation_markdown(res: dict) -> str:
+    schemes = list(ABLATION_SCHEMES)
+    lines = [
+        "### Model-level: output SQNR when only some layers are quantized (Z-Image architecture)",
+        "",
+        f"`python -m quant.quality_bench --ablation{' --quick' if res['quick'] else ''}` — B's toy Z-Image "
+        "(real width and names, 1 block + 1+1 refiners, random weights), caption features with 4 outlier "
+        "channels x20..x100; SQNR of the model output vs fp32 (higher is better).",
+        "",
+        "| quantized | share of Linear params | " + " | ".join(schemes) + " |",
+        "|---|---|" + "---|" * len(schemes),
+    ]
+    for g, d in res["groups"].items():
+        vals = " | ".join(_f(d[s]) for s in schemes)
+        lines.append(f"| {g} | {d['params_share'] * 100:.2f}% | {vals} |")
+    return "\n".join(lines) + "\n"
+
+
+def sqnr_overhead(out_features: int = 13824, in_features: int = 5120, repeats: int = 3) -> str:
+    """What measuring a layer's weight SQNR costs next to quantizing it (CPU, bf16 weight of a
+    Wan 14B ffn.0 by default): full dequantize + compare vs the row-sampled measurement the load
+    report uses (quality.quantized_weight_sqnr_db, 256 rows). Best of `repeats` runs."""
+    from .formats import get_format
+    from .quality import quantized_weight_sqnr_db, weight_sqnr_db
+
+    def best(fn):
+        ts, r = [], None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            r = fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts), r
+
+    w = (torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    lines = [
+        f"`python -m quant.quality_bench --overhead` — weight [{out_features}x{in_features}] bf16, CPU, "
+        f"{torch.get_num_threads()} threads, best of {repeats}",
+        "",
+        "| format | quantize | full dequantize + SQNR | sampled SQNR (256 rows) | SQNR full / sampled |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("fp8_e4m3fn", "mxfp4"):
+        fmt = get_format(name)
+        tq, qw = best(lambda fmt=fmt: fmt.quantize(w))
+        tf, sf = best(lambda fmt=fmt, qw=qw: weight_sqnr_db(w, fmt.dequantize(qw, torch.bfloat16)))
+        ts, ss = best(lambda qw=qw: quantized_weight_sqnr_db(w, qw, rows=256))
+        lines.append(
+            f"| {name} | {tq * 1000:.0f} ms | {tf * 1000:.0f} ms ({tf / tq:.0%}) | "
+            f"{ts * 1000:.1f} ms ({ts / tq:.1%}) | {sf:.2f} / {ss:.2f} dB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _json_safe(x):
     """inf/nan are not JSON: write them as strings."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -382,9 +514,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the full results as JSON here")
     ap.add_argument("--md", default=None, help="write the Markdown tables here (default: stdout)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--ablation", action="store_true", help="model-level ablation per layer family instead")
+    ap.add_argument("--overhead", action="store_true", help="cost of the per-layer SQNR instead")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.overhead:
+        print(sqnr_overhead())
+        return 0
+    if a.ablation:
+        res = ablation(quick=a.quick, seed=a.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))
+        md = ablation_markdown(res)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(md)
+        else:
+            print(md)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(_json_safe(res), f, indent=1)
+        return 0
     table = QUICK_MODELS if a.quick else MODELS
     models = a.models.split(",") if a.models else list(table)
     tokens = a.tokens or (32 if a.quick else 256)

@@ -74,3 +74,18 @@ def test_choose_defaults_rules():
 def test_unknown_model_is_an_error(capsys):
     assert qb.main(["--quick", "--models", "sdxl"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_ablation_quick_orders_groups():
+    res = qb.ablation(quick=True)
+    g = res["groups"]
+    assert g["all"]["params_share"] == pytest.approx(1.0)
+    for scheme in qb.ABLATION_SCHEMES:
+        # quantizing more layers adds error: one family < all-but-defaults < all
+        assert g["all"][scheme] < g["all but defaults"][scheme]
+        for name in qb.ABLATION_GROUPS:
+            assert g[name][scheme] > g["all"][scheme]
+    for name, d in g.items():
+        assert d["FP8 W8A8"] > d["MXFP4 W4A16"], name
+    md = qb.ablation_markdown(res)
+    assert "| all but defaults |" in md
