@@ -32,7 +32,7 @@ import torch
 from ..quant.errors import CheckpointError
 from ..quant.families import default_ignore_text, detect_family
 from ..quant.formats import FORMATS, get_format
-from ..quant.safetensors_header import classify_checkpoint, read_header
+from ..quant.safetensors_header import classify_checkpoint, lazy_state_dict, read_header
 from ..quant.selection import build_plan, linears_from_shapes
 from .ops import make_ops
 from .report import LayerRecord, LoadReport
@@ -119,10 +119,12 @@ def load_quantized(
 
     name = os.path.basename(unet_path)
     prequantized_note = None
+    header = None
     if unet_path.lower().endswith((".safetensors", ".sft")):
         # Validate the header first (G's strict reader): LFS pointers, HTML pages, truncated or
         # malformed files get an error naming the file and what it is, before ComfyUI reads it.
-        kind = classify_checkpoint(read_header(unet_path))
+        header = read_header(unet_path)
+        kind = classify_checkpoint(header)
         if kind.prequantized:
             if not kind.comfyui_loads:
                 raise CheckpointError(
@@ -135,7 +137,13 @@ def load_quantized(
                 )
                 plain = True
     try:
-        sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
+        if header is not None and prequantized_note is None and not kind.prequantized:
+            # Tensors read with pread when each layer loads (G's lazy_state_dict): no mmap, so a
+            # file truncated mid-load raises CheckpointError instead of SIGBUS killing ComfyUI,
+            # and host RAM holds about one bf16 tensor beyond the (quantized) model.
+            sd, metadata = lazy_state_dict(unet_path, header), header.metadata
+        else:
+            sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
     except Exception as e:
         raise CheckpointError(f"{unet_path}: cannot read the model file ({type(e).__name__}: {e})") from e
     shapes = _shapes(sd)
