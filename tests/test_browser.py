@@ -277,3 +277,25 @@ def test_example_workflow_loads_and_validates(page, srv, path):
     page.screenshot(path=str(ARTIFACTS / f"workflow_{path.stem}.png"))
     srv.post_json("/api/queue", {"clear": True})
     srv.post_json("/api/interrupt", {})
+
+
+def test_preview_in_vue_nodes_mode(page, srv):
+    """The frontend's Vue-rendered nodes ('Nodes 2.0') show the same panel."""
+    known = page.evaluate(
+        """async () => {
+            const s = app.extensionManager?.setting;
+            if (!s || s.get('Comfy.VueNodes.Enabled') === undefined) return false;
+            await s.set('Comfy.VueNodes.Enabled', true);
+            return true;
+        }"""
+    )
+    if not known:
+        pytest.skip(f"frontend {page.frontend_version} has no Vue nodes mode")
+    try:
+        page.wait_for_timeout(500)
+        add_loader(page, PREVIEW_MODEL)
+        wait_counts(page, counts_text(plan(srv, None)))
+        page.screenshot(path=str(ARTIFACTS / f"loader_preview_vue_nodes_fe{page.frontend_version}.png"))
+    finally:
+        page.evaluate("app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
+    assert not page.errors, page.errors

@@ -92,7 +92,7 @@ def loader(g: Graph, pos, unet: str, repo: str, fmt: str, title=None) -> dict:
         pos,
         [unet, fmt, AUTO_IGNORE, 256, "auto"],
         outputs=[("MODEL", "MODEL"), ("report", "STRING")],
-        size=(420, 420),
+        size=(400, 380),
         title=title,
         models=[model_entry(unet, repo, "diffusion_models")],
     )
