@@ -37,3 +37,8 @@ class HeaderTooLargeError(CheckpointError):
 class AttentionUnsupportedError(OnlineQuantError, ValueError):
     """The FP8 attention kernel can't take this call (mask, dtype, head dim, device...); the
     message says why. Callers fall back to their own attention function."""
+
+
+class SensitivityRuleError(OnlineQuantError, ValueError):
+    """The loader's `keep_sensitive` text can't be read ('worst 5%', 'below 20 dB', 'max 12 GB');
+    the message quotes the part at fault and the accepted forms."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import SensitivityRuleError
+
 # Elements per chunk: 4 Mi fp32 elements = 16 MiB of temporaries per operand.
 _CHUNK = 1 << 22
 
@@ -307,13 +309,13 @@ def parse_sensitivity_rule(text: str | None) -> SensitivityRule:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(
+            raise SensitivityRuleError(
                 f"keep_sensitive: cannot read {raw.strip()!r}; use 'none', 'worst 5%', "
                 "'below 20 dB' or 'max 12 GB' (comma-separated to combine)"
             ) from None
     rule = SensitivityRule(**fields)
     if rule.keep_worst_fraction is not None and not 0.0 <= rule.keep_worst_fraction <= 1.0:
-        raise ValueError(f"keep_sensitive: {text!r}: the percentage must be between 0 and 100")
+        raise SensitivityRuleError(f"keep_sensitive: {text!r}: the percentage must be between 0 and 100")
     return rule
 
 
