@@ -27,7 +27,14 @@ import torch
 
 from .errors import OnlineQuantError
 from .families import default_ignore_text, describe_model, detect_family, family_choices, get_family
-from .selection import LinearInfo, QuantPlan, build_plan, linears_from_module, linears_from_shapes
+from .selection import (
+    LinearInfo,
+    QuantPlan,
+    build_plan,
+    compact_names,
+    linears_from_module,
+    linears_from_shapes,
+)
 
 EXIT_USAGE = 2
 
@@ -128,7 +135,7 @@ def run_demo(args: argparse.Namespace, out=print) -> dict:
             out("")
             out(
                 f"toy model plan: quantize {len(plan.quantized())} of {len(plan.decisions)} Linear layers "
-                f"(same defaults: kept {', '.join(d.name for d in plan.kept())})"
+                f"(same defaults: kept {', '.join(compact_names([d.name for d in plan.kept()]))})"
             )
         choice = choose_backend(fmt_name, device, args.compute)
         originals = {}
