@@ -60,7 +60,9 @@ def shuffle_weight(codes: torch.Tensor, layout: tuple[int, int] = (16, 16)) -> t
     kpack = 16 // codes.element_size()
     n, kb = codes.shape[-2], codes.shape[-1]
     if n % bn or kb % bk:
-        raise ValueError(f"shuffle_weight needs N % {bn} == 0 and packed K % {bk} == 0, got {tuple(codes.shape)}")
+        raise ValueError(
+            f"shuffle_weight needs N % {bn} == 0 and packed K % {bk} == 0, got {tuple(codes.shape)}"
+        )
     x = codes.reshape(-1, n // bn, bn, kb // bk, bk // kpack, kpack).permute(0, 1, 3, 4, 2, 5)
     return x.contiguous().view(codes.shape)
 
@@ -111,8 +113,12 @@ def dynamic_mxfp4_quant_emulated(x: torch.Tensor, shuffle: bool = False) -> tupl
     if shuffle:
         return codes, e8m0_shuffle(scales)
     m, s = scales.shape
-    out = torch.full((_ceil(m, SCALE_ROWS_MULTIPLE), _ceil(s, SCALE_COLS_MULTIPLE)), E8M0_ONE,
-                     dtype=torch.uint8, device=x.device)
+    out = torch.full(
+        (_ceil(m, SCALE_ROWS_MULTIPLE), _ceil(s, SCALE_COLS_MULTIPLE)),
+        E8M0_ONE,
+        dtype=torch.uint8,
+        device=x.device,
+    )
     out[:m, :s] = scales
     return codes, out
 
@@ -155,8 +161,10 @@ def aiter_module():
         log.debug("AITER not importable: %s", e)
         return None
     if not hasattr(aiter, "gemm_a4w4"):
-        log.warning("a module named 'aiter' was found but it is not AMD's amd-aiter (no gemm_a4w4); "
-                    "PyPI's 'aiter' is an unrelated package")
+        log.warning(
+            "a module named 'aiter' was found but it is not AMD's amd-aiter (no gemm_a4w4); "
+            "PyPI's 'aiter' is an unrelated package"
+        )
         return None
     try:
         quant = importlib.import_module("aiter.ops.triton.quant").dynamic_mxfp4_quant
@@ -216,7 +224,9 @@ def prepare_weight(qw: QuantizedWeight, ops) -> AiterWeight:
     return prepared
 
 
-def aiter_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, ops=None) -> torch.Tensor:
+def aiter_linear(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, ops=None
+) -> torch.Tensor:
     """MXFP4 W4A4 linear through AITER (or `ops`, e.g. EmulatedAiter): x [..., K] -> [..., N]."""
     ops = ops or aiter_module()
     if ops is None:
@@ -254,6 +264,13 @@ def _aiter_run(x, qw, bias, compute):
     return aiter_linear(x, qw, bias)
 
 
-BACKEND = Backend("aiter_a4w4", ("mxfp4",), ("w4a4",), _aiter_run, _aiter_check, priority=70,
-                  package="amd-aiter (AMD's AITER for ROCm; not PyPI's 'aiter')")
+BACKEND = Backend(
+    "aiter_a4w4",
+    ("mxfp4",),
+    ("w4a4",),
+    _aiter_run,
+    _aiter_check,
+    priority=70,
+    package="amd-aiter (AMD's AITER for ROCm; not PyPI's 'aiter')",
+)
 register_backend(BACKEND)

@@ -41,7 +41,9 @@ def test_e8m0_shuffle_padding_and_inverse():
     assert (full[m:] == amd.E8M0_ONE).all() and (full[:, s:] == amd.E8M0_ONE).all()
     # AITER's index formula (its quant kernel's SHUFFLE branch) for one element
     i, j = 37, 5
-    off = (i % 32 // 16) + (j % 8 // 4) * 2 + (i % 16) * 4 + (j % 4) * 64 + (j // 8) * 256 + (i // 32) * 32 * 8
+    off = (
+        (i % 32 // 16) + (j % 8 // 4) * 2 + (i % 16) * 4 + (j % 4) * 64 + (j // 8) * 256 + (i // 32) * 32 * 8
+    )
     assert sh.view(-1)[off] == scales[i, j]
 
 

@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     mods, missing = _load_sections()
     p = argparse.ArgumentParser(prog="python -m quant.bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny shapes, runs on the CPU (CI)")
-    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                   help=f"comma list of {', '.join(n for n, _ in SECTIONS)}")
+    p.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma list of {', '.join(n for n, _ in SECTIONS)}",
+    )
     p.add_argument("--out", default="bench_out", help="folder for results.json and results.md")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     for mod in mods.values():
@@ -48,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, list[dict]] = {}
     skipped: dict[str, str] = {}
-    md = ""
     for name in [s for s in args.sections.split(",") if s]:
         if name not in mods:
             skipped[name] = missing.get(name, "unknown section")
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("section %s failed", name)
             skipped[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         log.info("section %s: %.1f s", name, time.perf_counter() - t0)
-        md = _write(args.out, argv, env, results, skipped)  # after each section: a timeout keeps the rest
-    print(md)
+        _write(args.out, argv, env, results, skipped)  # after each section: a timeout keeps the rest
+    print(_write(args.out, argv, env, results, skipped))
     return 0
 
 

@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 def add_args(parser) -> None:
     parser.add_argument("--m", default=None, help="comma-separated token counts (default 4096,32760)")
     parser.add_argument("--gemm-models", default="", help="only shapes of these models (comma list)")
-    parser.add_argument("--compiled", action="store_true",
-                        help="also time the torch.compile'd plain-PyTorch FP8 path (compiles per shape)")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time the torch.compile'd plain-PyTorch FP8 path (compiles per shape)",
+    )
 
 
 def run(args, device: torch.device) -> list[dict]:

@@ -30,14 +30,51 @@ log = logging.getLogger(__name__)
 PACK = "comfyui_online_quant"
 
 # ---------------------------------------------------------------- model configs (DESIGN.md §2-3)
-ZIMAGE = dict(patch_size=2, in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
-              multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True, cap_feat_dim=2560,
-              axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True,
-              time_scale=1000.0, pad_tokens_multiple=32)
-WAN5B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=48, dim=3072, ffn_dim=14336,
-             freq_dim=256, text_dim=4096, out_dim=48, num_heads=24, num_layers=30)
-WAN14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
-              freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40)
+ZIMAGE = dict(
+    patch_size=2,
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    multiple_of=256,
+    ffn_dim_multiplier=8.0 / 3.0,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+    rope_theta=256.0,
+    z_image_modulation=True,
+    time_scale=1000.0,
+    pad_tokens_multiple=32,
+)
+WAN5B = dict(
+    model_type="t2v",
+    patch_size=(1, 2, 2),
+    text_len=512,
+    in_dim=48,
+    dim=3072,
+    ffn_dim=14336,
+    freq_dim=256,
+    text_dim=4096,
+    out_dim=48,
+    num_heads=24,
+    num_layers=30,
+)
+WAN14B = dict(
+    model_type="t2v",
+    patch_size=(1, 2, 2),
+    text_len=512,
+    in_dim=16,
+    dim=5120,
+    ffn_dim=13824,
+    freq_dim=256,
+    text_dim=4096,
+    out_dim=16,
+    num_heads=40,
+    num_layers=40,
+)
 
 
 def _tiny(cfg: dict, **over) -> dict:
@@ -48,13 +85,27 @@ def _tiny(cfg: dict, **over) -> dict:
 
 MODELS = {
     # name: (class path, config, quick config, inputs(quick) -> kwargs, family, what)
-    "zimage": ("comfy.ldm.lumina.model:NextDiT", ZIMAGE,
-               _tiny(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
-               "zimage", "Z-Image-Turbo 1024x1024 (4096 image + 256 text tokens)"),
-    "wan5b": ("comfy.ldm.wan.model:WanModel", WAN5B, _tiny(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
-              "wan22_5b", "Wan 2.2 TI2V 5B 1280x704x121 (27280 tokens)"),
-    "wan14b": ("comfy.ldm.wan.model:WanModel", WAN14B, _tiny(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
-               "wan21", "Wan 14B 832x480x81 (32760 tokens)"),
+    "zimage": (
+        "comfy.ldm.lumina.model:NextDiT",
+        ZIMAGE,
+        _tiny(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
+        "zimage",
+        "Z-Image-Turbo 1024x1024 (4096 image + 256 text tokens)",
+    ),
+    "wan5b": (
+        "comfy.ldm.wan.model:WanModel",
+        WAN5B,
+        _tiny(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+        "wan22_5b",
+        "Wan 2.2 TI2V 5B 1280x704x121 (27280 tokens)",
+    ),
+    "wan14b": (
+        "comfy.ldm.wan.model:WanModel",
+        WAN14B,
+        _tiny(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+        "wan21",
+        "Wan 14B 832x480x81 (32760 tokens)",
+    ),
 }
 
 
@@ -66,15 +117,25 @@ def _inputs(name: str, quick: bool, device, dtype=torch.bfloat16) -> dict:
 
     if name == "zimage":
         hw, txt, cap = (8, 32, 256) if quick else (128, 256, 2560)
-        return dict(x=rn(1, 16, hw, hw), timesteps=torch.tensor([0.5], device=device),
-                    context=rn(1, txt, cap, scale=0.5), num_tokens=txt)
+        return dict(
+            x=rn(1, 16, hw, hw),
+            timesteps=torch.tensor([0.5], device=device),
+            context=rn(1, txt, cap, scale=0.5),
+            num_tokens=txt,
+        )
     if name == "wan5b":
         t, h, w = (1, 8, 8) if quick else (31, 44, 80)
-        return dict(x=rn(1, 48, t, h, w), timestep=torch.tensor([500.0], device=device),
-                    context=rn(1, 512 if not quick else 12, 4096, scale=0.5))
+        return dict(
+            x=rn(1, 48, t, h, w),
+            timestep=torch.tensor([500.0], device=device),
+            context=rn(1, 512 if not quick else 12, 4096, scale=0.5),
+        )
     t, h, w = (1, 8, 8) if quick else (21, 60, 104)
-    return dict(x=rn(1, 16, t, h, w), timestep=torch.tensor([500.0], device=device),
-                context=rn(1, 512 if not quick else 12, 4096, scale=0.5))
+    return dict(
+        x=rn(1, 16, t, h, w),
+        timestep=torch.tensor([500.0], device=device),
+        context=rn(1, 512 if not quick else 12, 4096, scale=0.5),
+    )
 
 
 # ---------------------------------------------------------------- ComfyUI and the pack
@@ -95,7 +156,8 @@ def _pack(sub: str):
     if PACK not in sys.modules:
         root = Path(__file__).resolve().parents[2]
         spec = importlib.util.spec_from_file_location(
-            PACK, root / "__init__.py", submodule_search_locations=[str(root)])
+            PACK, root / "__init__.py", submodule_search_locations=[str(root)]
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = mod
         try:
@@ -127,7 +189,9 @@ def _init_random_(model: torch.nn.Module, seed: int) -> None:
             if p.device.type == "meta":
                 continue
             if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g, device=p.device) / math.sqrt(math.prod(p.shape[1:])))
+                p.copy_(
+                    torch.randn(p.shape, generator=g, device=p.device) / math.sqrt(math.prod(p.shape[1:]))
+                )
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.02)
             else:
@@ -180,6 +244,17 @@ def _plan(sd_shapes: dict, fmt: str, family: str, ignore):
     return sel.build_plan(sel.linears_from_shapes(sd_shapes), fmt, ignore, family=family)
 
 
+# variant -> (format, compute, ignore text: None = the family's default ignored layers, "" = none)
+OURS = {
+    "ours_fp8": ("fp8_e4m3fn", "auto", None),
+    "ours_mxfp4": ("mxfp4", "auto", None),
+    "ours_mxfp4_w4a8": ("mxfp4", "w4a8", None),
+    "ours_fp8_all_linears": ("fp8_e4m3fn", "auto", ""),
+    "ours_mxfp4_all_linears": ("mxfp4", "auto", ""),
+}
+VARIANTS = ("bf16", "comfy_fp8_e4m3fn_fast", "ours_fp8", "ours_mxfp4")
+
+
 def _variant(name, variant, quick, sd, shapes, device):
     """Build one variant and load the bf16 state dict into it; returns (model, load_s, records, note)."""
     comfy = _comfy()
@@ -200,19 +275,26 @@ def _variant(name, variant, quick, sd, shapes, device):
             for m in model.modules():
                 if getattr(m, "comfy_cast_weights", None) is not None:
                     for pn, p in list(m.named_parameters(recurse=False)):
-                        setattr(m, pn, torch.nn.Parameter(p.data.to(torch.float8_e4m3fn), requires_grad=False))
+                        setattr(
+                            m, pn, torch.nn.Parameter(p.data.to(torch.float8_e4m3fn), requires_grad=False)
+                        )
     else:
-        fmt = {"ours_fp8": "fp8_e4m3fn", "ours_mxfp4": "mxfp4"}[variant]
-        plan = _plan(shapes, fmt, family, None)
-        ops = _pack("nodes.ops").make_ops(plan, fmt, torch.bfloat16, quantize_device=device, record_sqnr=False)
+        fmt, compute, ignore = OURS[variant]
+        plan = _plan(shapes, fmt, family, ignore)
+        ops = _pack("nodes.ops").make_ops(
+            plan, fmt, torch.bfloat16, compute=compute, quantize_device=device, record_sqnr=False
+        )
         model = _build(name, quick, ops, device)
         model.load_state_dict(dict(sd), strict=False)  # dict(): the loader pops the weights it quantizes
         records = ops.load_state.records
         every = _plan(shapes, fmt, family, "")  # "" = quantize every eligible Linear
-        note = (f"{len(plan.quantized())}/{len(plan.decisions)} Linears quantized (family defaults; "
-                f"quantize {ops.load_state.quantize_seconds:.2f} s); Linear bytes "
-                f"{plan.bytes_after() / plan.bytes_before():.1%} of bf16, "
-                f"{every.bytes_after() / every.bytes_before():.1%} with every eligible Linear")
+        which = "family defaults" if ignore is None else "every eligible Linear"
+        note = (
+            f"{len(plan.quantized())}/{len(plan.decisions)} Linears quantized ({which}; "
+            f"quantize {ops.load_state.quantize_seconds:.2f} s); Linear bytes "
+            f"{plan.bytes_after() / plan.bytes_before():.1%} of bf16, "
+            f"{every.bytes_after() / every.bytes_before():.1%} with every eligible Linear"
+        )
     _sync(device)
     return model, time.perf_counter() - t0, records, note
 
@@ -237,6 +319,11 @@ def add_args(parser) -> None:
     parser.add_argument("--models", default="zimage,wan5b", help="comma list of zimage, wan5b, wan14b")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     parser.add_argument("--no-attention", action="store_true", help="skip the FP8-attention combinations")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list of bf16, comfy_fp8_e4m3fn_fast, {', '.join(OURS)} (bf16 first)",
+    )
 
 
 def run(args, device: torch.device) -> list[dict]:
@@ -252,7 +339,7 @@ def run(args, device: torch.device) -> list[dict]:
         src_bytes = sum(v.numel() * v.element_size() for v in sd.values())
         inputs = _inputs(name, quick, device)
         ref, bf16_ms = None, None
-        variants = ["bf16", "comfy_fp8_e4m3fn_fast", "ours_fp8", "ours_mxfp4"]
+        variants = [v for v in getattr(args, "variants", ",".join(VARIANTS)).split(",") if v]
         for variant in variants:
             row_base = dict(table="models", model=MODELS[name][4] if not quick else name + " (tiny)")
             try:
@@ -262,7 +349,9 @@ def run(args, device: torch.device) -> list[dict]:
                 rows.append(dict(row_base, variant=variant, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
             wbytes = _nbytes(model, records)
-            combos = [("", None)] + ([("+fp8_attention", {"optimized_attention_override": attn})] if attn else [])
+            combos = [("", None)] + (
+                [("+fp8_attention", {"optimized_attention_override": attn})] if attn else []
+            )
             for suffix, topts in combos:
                 row = dict(row_base, variant=variant + suffix)
                 try:
@@ -271,20 +360,26 @@ def run(args, device: torch.device) -> list[dict]:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
                     out, ms = _step(model, inputs, topts, device, 1 if quick else args.steps)
-                    peak = torch.cuda.max_memory_allocated(device) - src_bytes if device.type == "cuda" else None
+                    peak = (
+                        torch.cuda.max_memory_allocated(device) - src_bytes if device.type == "cuda" else None
+                    )
                 except Exception as e:
                     log.exception("step %s %s failed", name, variant + suffix)
                     rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
                     continue
                 if variant == "bf16" and not suffix:
                     ref, bf16_ms = out.float(), ms
-                row.update(step_ms=round(ms, 2), speedup_vs_bf16=round(bf16_ms / ms, 3) if bf16_ms else None,
-                           weight_GiB=round(wbytes / 2**30, 3),
-                           weight_vs_bf16=round(wbytes / src_bytes, 3),
-                           peak_vram_GiB=round(peak / 2**30, 2) if peak is not None else None,
-                           rel_err_vs_bf16=round(rel_l2(out.float(), ref), 4) if ref is not None else None,
-                           finite=bool(torch.isfinite(out).all()),
-                           load_s=round(load_s, 2), note=note)
+                row.update(
+                    step_ms=round(ms, 2),
+                    speedup_vs_bf16=round(bf16_ms / ms, 3) if bf16_ms else None,
+                    weight_GiB=round(wbytes / 2**30, 3),
+                    weight_vs_bf16=round(wbytes / src_bytes, 3),
+                    peak_vram_GiB=round(peak / 2**30, 2) if peak is not None else None,
+                    rel_err_vs_bf16=round(rel_l2(out.float(), ref), 4) if ref is not None else None,
+                    finite=bool(torch.isfinite(out).all()),
+                    load_s=round(load_s, 2),
+                    note=note,
+                )
                 rows.append(row)
                 del out
             del model

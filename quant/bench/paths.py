@@ -39,8 +39,9 @@ def _mxfp4_weight(w):
     return qw, qw.qdata.numel() + qw.scale.numel()
 
 
-def build_paths(w: torch.Tensor, b: torch.Tensor | None, x_example: torch.Tensor,
-                include_compiled: bool = True) -> dict[str, tuple[Callable, int]]:
+def build_paths(
+    w: torch.Tensor, b: torch.Tensor | None, x_example: torch.Tensor, include_compiled: bool = True
+) -> dict[str, tuple[Callable, int]]:
     """name -> (fn(x) -> y, weight bytes)."""
     paths: dict[str, tuple[Callable, int]] = {}
     paths["bf16"] = (lambda x: F.linear(x, w, b), w.numel() * w.element_size())
@@ -59,7 +60,9 @@ def build_paths(w: torch.Tensor, b: torch.Tensor | None, x_example: torch.Tensor
     paths["act_quant_only"] = (lambda x: quantize_fp8_per_token(x), 0)
     paths["ours_fp8_rowwise"] = (lambda x: fp8_gemm.fp8_linear_rowwise(x, wq, ws, b, fast_accum=False), nb8)
     paths["ours_fp8_rowwise_fastaccum"] = (
-        lambda x: fp8_gemm.fp8_linear_rowwise(x, wq, ws, b, fast_accum=True), nb8)
+        lambda x: fp8_gemm.fp8_linear_rowwise(x, wq, ws, b, fast_accum=True),
+        nb8,
+    )
     paths["ours_fp8_fused"] = (lambda x: fp8_gemm.fp8_linear_act_fused(x, wq, ws, b), nb8)
     if include_compiled and x_example.device.type == "cuda":
         compiled = torch.compile(fp8_gemm.fp8_linear_traceable, dynamic=False)
@@ -72,14 +75,22 @@ def build_paths(w: torch.Tensor, b: torch.Tensor | None, x_example: torch.Tensor
     codes, scales = qw4.qdata, qw4.scale
     smax = mxfp4_gemm.row_scale_max(scales)
     paths["ours_mxfp4_w4a16_dequant_cublas"] = (
-        lambda x: mxfp4_gemm.mxfp4_linear_w4a16_dequant(x, codes, scales, b), nb4)
+        lambda x: mxfp4_gemm.mxfp4_linear_w4a16_dequant(x, codes, scales, b),
+        nb4,
+    )
     paths["ours_mxfp4_w4a16"] = (lambda x: mxfp4_gemm.mxfp4_linear_w4a16(x, codes, scales, b), nb4)
     paths["ours_mxfp4_w4a16_dot_scaled"] = (
-        lambda x: mxfp4_gemm.mxfp4_linear_w4a16_dot_scaled(x, codes, scales, b), nb4)
+        lambda x: mxfp4_gemm.mxfp4_linear_w4a16_dot_scaled(x, codes, scales, b),
+        nb4,
+    )
     paths["ours_mxfp4_w4a8"] = (
-        lambda x: mxfp4_gemm.mxfp4_linear_w4a8(x, codes, scales, b, row_smax=smax), nb4)
+        lambda x: mxfp4_gemm.mxfp4_linear_w4a8(x, codes, scales, b, row_smax=smax),
+        nb4,
+    )
     paths["ours_mxfp4_w4a8_dequant_scaled_mm"] = (
-        lambda x: mxfp4_gemm.mxfp4_linear_w4a8_dequant(x, codes, scales, b, row_smax=smax), nb4)
+        lambda x: mxfp4_gemm.mxfp4_linear_w4a8_dequant(x, codes, scales, b, row_smax=smax),
+        nb4,
+    )
     paths["ours_mxfp4_auto"] = (lambda x: quantized_linear(x, qw4, b), nb4)
     paths["ours_mxfp4_auto_w4a8"] = (lambda x: quantized_linear(x, qw4, b, compute="w4a8"), nb4)
     return paths

@@ -40,8 +40,9 @@ def gemm_pivot(rows: list[dict]) -> str:
             cell[key, r["path"]] = "failed"
         else:
             cell[key, r["path"]] = f"{r['speedup_vs_bf16']:.2f}× / {100 * r['rel_err_vs_bf16']:.1f}%"
-    bf16 = {(r["model"], r["layer"], r["M"], r["K"], r["N"]): r.get("ms")
-            for r in rows if r["path"] == "bf16"}
+    bf16 = {
+        (r["model"], r["layer"], r["M"], r["K"], r["N"]): r.get("ms") for r in rows if r["path"] == "bf16"
+    }
     head = ["model", "layer", "M×K×N", "bf16 ms"] + paths
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in keys:
@@ -52,10 +53,16 @@ def gemm_pivot(rows: list[dict]) -> str:
 
 
 def render(env: dict, sections: dict[str, list[dict]], skipped: dict[str, str], command: str) -> str:
-    parts = ["# quant.bench results", "",
-             f"Command: `{command}`", "",
-             "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None), "",
-             "Random weights (N(0, 0.02)) and N(0, 1) inputs at the real shapes; no checkpoints.", ""]
+    parts = [
+        "# quant.bench results",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None),
+        "",
+        "Random weights (N(0, 0.02)) and N(0, 1) inputs at the real shapes; no checkpoints.",
+        "",
+    ]
     for name, rows in sections.items():
         by_table: dict[str, list[dict]] = {}
         for r in rows:

@@ -47,9 +47,14 @@ def env_info(device: torch.device) -> dict:
         info["triton"] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, hip=torch.version.hip,
-                    capability=".".join(map(str, torch.cuda.get_device_capability(device))))
+        info.update(
+            gpu=p.name,
+            sms=p.multi_processor_count,
+            gpu_mem_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            hip=torch.version.hip,
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+        )
     else:
         info["gpu"] = None
     return info

@@ -28,15 +28,29 @@ QUANT_CONFIGS = [(1, 4), (1, 8), (2, 8), (4, 16)]  # (rows per program, num_warp
 def _jobs(x, q8, q4, smax):
     jobs = []
     for c in FUSED_CONFIGS:
-        jobs.append(("fp8_fused", c, lambda c=c: fp8_gemm.fp8_linear_act_fused(x, q8.qdata, q8.scale, config=c)))
+        jobs.append(
+            ("fp8_fused", c, lambda c=c: fp8_gemm.fp8_linear_act_fused(x, q8.qdata, q8.scale, config=c))
+        )
     for c in W4A16_CONFIGS:
-        jobs.append(("mxfp4_w4a16", c, lambda c=c: mxfp4_gemm.mxfp4_linear_w4a16(x, q4.qdata, q4.scale, config=c)))
+        jobs.append(
+            ("mxfp4_w4a16", c, lambda c=c: mxfp4_gemm.mxfp4_linear_w4a16(x, q4.qdata, q4.scale, config=c))
+        )
     for c in DOT_SCALED_CONFIGS:
-        jobs.append(("mxfp4_dot_scaled", c,
-                     lambda c=c: mxfp4_gemm.mxfp4_linear_w4a16_dot_scaled(x, q4.qdata, q4.scale, config=c)))
+        jobs.append(
+            (
+                "mxfp4_dot_scaled",
+                c,
+                lambda c=c: mxfp4_gemm.mxfp4_linear_w4a16_dot_scaled(x, q4.qdata, q4.scale, config=c),
+            )
+        )
     for c in W4A8_CONFIGS:
-        jobs.append(("mxfp4_w4a8", c,
-                     lambda c=c: mxfp4_gemm.mxfp4_linear_w4a8(x, q4.qdata, q4.scale, config=c, row_smax=smax)))
+        jobs.append(
+            (
+                "mxfp4_w4a8",
+                c,
+                lambda c=c: mxfp4_gemm.mxfp4_linear_w4a8(x, q4.qdata, q4.scale, config=c, row_smax=smax),
+            )
+        )
     for c in QUANT_CONFIGS:
         jobs.append(("act_quant", c, lambda c=c: fp8_quant.quantize_fp8_per_token(x, launch=c)))
     return jobs

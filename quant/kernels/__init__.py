@@ -26,8 +26,9 @@ def interpreting() -> bool:
 
 def can_run_triton(device) -> bool:
     """Whether a Triton kernel can run on tensors of `device`: a CUDA/ROCm GPU with Triton, or the
-    CPU under the interpreter."""
-    if not triton_available():
+    CPU under the interpreter. ONLINEQUANT_DISABLE_TRITON=1 turns every kernel off (the
+    references run), e.g. to compare or to run the CPU benchmark quickly."""
+    if not triton_available() or os.environ.get("ONLINEQUANT_DISABLE_TRITON", "0") == "1":
         return False
     dev_type = getattr(device, "type", str(device))
     if dev_type == "cuda":
@@ -38,6 +39,7 @@ def can_run_triton(device) -> bool:
 def _register_backends() -> None:
     # quant/backends.py imports this package as its plug-in seam; registering is idempotent
     # (the same Backend records), so a second import of the pack is harmless.
+    from . import ops  # noqa: F401  (torch.library ops of the kernels, guarded)
     from .registry import register
 
     register()

@@ -15,11 +15,27 @@ from ._tl_common import round_to_e4m3
 
 @triton.jit
 def fp8_gemm_act_quant_kernel(
-    a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_wn, stride_cm,
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, FNUZ: tl.constexpr, EMULATE_CVT: tl.constexpr,
-    W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    ws_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_cm,
+    FP8_MAX: tl.constexpr,
+    EPS: tl.constexpr,
+    FNUZ: tl.constexpr,
+    EMULATE_CVT: tl.constexpr,
+    W_PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)

@@ -8,9 +8,19 @@ from ._tl_common import round_to_e4m3
 
 @triton.jit
 def fp8_per_token_quant_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, FNUZ: tl.constexpr, EMULATE_CVT: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    FP8_MAX: tl.constexpr,
+    EPS: tl.constexpr,
+    FNUZ: tl.constexpr,
+    EMULATE_CVT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # One program quantizes ROWS whole rows held in registers: a single read of x (the row max
     # and the scaling need the row twice; keeping it in registers avoids a second HBM read).

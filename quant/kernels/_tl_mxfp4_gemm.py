@@ -41,10 +41,24 @@ def _decode_tile(p, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def mxfp4_w4a16_kernel(
-    a_ptr, wq_ptr, ws_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_wn, stride_sn, stride_cm,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    wq_ptr,
+    ws_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_sn,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,10 +94,24 @@ def mxfp4_w4a16_kernel(
 
 @triton.jit
 def mxfp4_w4a16_dot_scaled_kernel(
-    a_ptr, wq_ptr, ws_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_wn, stride_sn, stride_cm,
-    HAS_BIAS: tl.constexpr, A_FORMAT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    wq_ptr,
+    ws_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_sn,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    A_FORMAT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,10 +141,26 @@ def mxfp4_w4a16_dot_scaled_kernel(
 
 @triton.jit
 def mxfp4_w4a8_kernel(
-    aq_ptr, as_ptr, wq_ptr, ws_ptr, wsmax_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_wn, stride_sn, stride_cm,
-    HAS_BIAS: tl.constexpr, EMULATE_CVT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    aq_ptr,
+    as_ptr,
+    wq_ptr,
+    ws_ptr,
+    wsmax_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_sn,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    EMULATE_CVT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -37,7 +37,10 @@ FAST_ACCUM = True
 
 # ---------------------------------------------------------------- row-wise: quant kernel + _scaled_mm
 def fp8_linear_rowwise_reference(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     out_dtype = out_dtype or x.dtype
@@ -49,8 +52,12 @@ def fp8_linear_rowwise_reference(
 
 
 def fp8_linear_rowwise(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, fast_accum: bool | None = None,
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    fast_accum: bool | None = None,
 ) -> torch.Tensor:
     """x [..., K] -> [..., N]. Needs `torch._scaled_mm` with row-wise scales (CUDA sm_89+, ROCm
     gfx942/950); `_scaled_mm` also needs K and N multiples of 16. `fast_accum` lets Hopper's FP8
@@ -68,8 +75,15 @@ def fp8_linear_rowwise(
     # Row-wise _scaled_mm writes bf16 only; other dtypes cost one cast of the output.
     mm_dtype = torch.bfloat16
     b = None if bias is None else bias.to(mm_dtype)
-    y = torch._scaled_mm(q, w_q.t(), scale_a=s, scale_b=_w_scale_row(w_scale, n), bias=b,
-                         out_dtype=mm_dtype, use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)
+    y = torch._scaled_mm(
+        q,
+        w_q.t(),
+        scale_a=s,
+        scale_b=_w_scale_row(w_scale, n),
+        bias=b,
+        out_dtype=mm_dtype,
+        use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum,
+    )
     if y.dtype != out_dtype:
         y = y.to(out_dtype)
     return y.reshape(*x.shape[:-1], n)
@@ -77,7 +91,10 @@ def fp8_linear_rowwise(
 
 # ---------------------------------------------------------------- fused: quantize A tiles in the GEMM
 def fp8_linear_act_fused_reference(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     out_dtype = out_dtype or x.dtype
@@ -101,8 +118,12 @@ FUSED_CONFIG = (128, 128, 8, 3)
 
 
 def fp8_linear_act_fused(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None,
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     out_dtype = out_dtype or x.dtype
     if not can_run_triton(x.device):
@@ -120,11 +141,29 @@ def fp8_linear_act_fused(
         bm, bn = min(bm, 32), min(bn, 32)
     grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
     fp8_gemm_act_quant_kernel[grid](
-        x2, w, ws, bias if bias is not None else ws, out, m, n, k,
-        x2.stride(0), w.stride(0), out.stride(0),
-        FP8_MAX=fp8_max(w_q.dtype), EPS=EPS, FNUZ=w_q.dtype == torch.float8_e4m3fnuz,
-        EMULATE_CVT=interpreting(), W_PER_CHANNEL=ws.numel() > 1, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=ACT_GROUP, GROUP_M=8, num_warps=warps, num_stages=stages,
+        x2,
+        w,
+        ws,
+        bias if bias is not None else ws,
+        out,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        w.stride(0),
+        out.stride(0),
+        FP8_MAX=fp8_max(w_q.dtype),
+        EPS=EPS,
+        FNUZ=w_q.dtype == torch.float8_e4m3fnuz,
+        EMULATE_CVT=interpreting(),
+        W_PER_CHANNEL=ws.numel() > 1,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=ACT_GROUP,
+        GROUP_M=8,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out.reshape(*x.shape[:-1], n)
 
@@ -135,7 +174,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 # ---------------------------------------------------------------- traceable: for torch.compile to fuse
 def fp8_linear_traceable(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The row-wise path written in plain PyTorch ops only (no custom op, no Triton call), so that
@@ -145,6 +187,13 @@ def fp8_linear_traceable(
     n = w_q.shape[0]
     q, s = quantize_fp8_per_token_reference(x.reshape(-1, x.shape[-1]), w_q.dtype)
     b = None if bias is None else bias.to(torch.bfloat16)
-    y = torch._scaled_mm(q, w_q.t(), scale_a=s, scale_b=_w_scale_row(w_scale, n), bias=b,
-                         out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)
+    y = torch._scaled_mm(
+        q,
+        w_q.t(),
+        scale_a=s,
+        scale_b=_w_scale_row(w_scale, n),
+        bias=b,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=FAST_ACCUM,
+    )
     return y.to(out_dtype).reshape(*x.shape[:-1], n)

@@ -60,9 +60,20 @@ def quantize_fp8_per_token(
         rows, num_warps = launch
     grid = (triton_cdiv(m, rows),)
     fp8_per_token_quant_kernel[grid](
-        x2, q, s, m, k, x2.stride(0), q.stride(0),
-        FP8_MAX=fp8_max(dtype), EPS=EPS, FNUZ=dtype == torch.float8_e4m3fnuz,
-        EMULATE_CVT=interpreting(), ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
+        x2,
+        q,
+        s,
+        m,
+        k,
+        x2.stride(0),
+        q.stride(0),
+        FP8_MAX=fp8_max(dtype),
+        EPS=EPS,
+        FNUZ=dtype == torch.float8_e4m3fnuz,
+        EMULATE_CVT=interpreting(),
+        ROWS=rows,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 

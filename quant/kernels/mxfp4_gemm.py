@@ -54,9 +54,21 @@ def _launch(kernel, x2, codes, scales, bias, out, config, **extra):
         bm, bn, bk = min(bm, 32), min(bn, 32), min(bk, 64)
     grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
     return grid, dict(
-        M=m, N=n, K=k, stride_am=x2.stride(0), stride_wn=codes.stride(0), stride_sn=scales.stride(0),
-        stride_cm=out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=8, num_warps=warps, num_stages=stages, **extra,
+        M=m,
+        N=n,
+        K=k,
+        stride_am=x2.stride(0),
+        stride_wn=codes.stride(0),
+        stride_sn=scales.stride(0),
+        stride_cm=out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=8,
+        num_warps=warps,
+        num_stages=stages,
+        **extra,
     )
 
 
@@ -71,7 +83,10 @@ def _check(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------- W4A16
 def mxfp4_linear_w4a16_reference(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     _check(x, codes, scales)
@@ -83,8 +98,12 @@ def mxfp4_linear_w4a16_reference(
 
 
 def mxfp4_linear_w4a16(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, config: tuple | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: tuple | None = None,
 ) -> torch.Tensor:
     _check(x, codes, scales)
     out_dtype = out_dtype or x.dtype
@@ -96,8 +115,7 @@ def mxfp4_linear_w4a16(
     if x2.dtype not in (torch.bfloat16, torch.float16):
         x2 = x2.to(torch.bfloat16)
     out = torch.empty((x2.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
-    grid, kw = _launch(None, x2, codes, scales, bias, out, config or W4A16_CONFIG,
-                       INTERPRET=interpreting())
+    grid, kw = _launch(None, x2, codes, scales, bias, out, config or W4A16_CONFIG, INTERPRET=interpreting())
     mxfp4_w4a16_kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
     return out.reshape(*x.shape[:-1], codes.shape[0])
 
@@ -107,8 +125,12 @@ def mxfp4_linear_w4a16_dot_scaled_reference(x, codes, scales, bias=None, out_dty
 
 
 def mxfp4_linear_w4a16_dot_scaled(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, config: tuple | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: tuple | None = None,
 ) -> torch.Tensor:
     _check(x, codes, scales)
     out_dtype = out_dtype or x.dtype
@@ -133,7 +155,10 @@ def row_scale_max(scales: torch.Tensor) -> torch.Tensor:
 
 
 def mxfp4_linear_w4a8_reference(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     _check(x, codes, scales)
@@ -147,8 +172,12 @@ def mxfp4_linear_w4a8_reference(
 
 
 def mxfp4_linear_w4a8(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, config: tuple | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: tuple | None = None,
     row_smax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`row_smax` (= row_scale_max(scales)) may be passed in when cached with the weight."""
@@ -161,8 +190,7 @@ def mxfp4_linear_w4a8(
     q, s = quantize_fp8_per_token(_flat(x), torch.float8_e4m3fn)
     smax = row_smax if row_smax is not None else row_scale_max(scales)
     out = torch.empty((q.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
-    grid, kw = _launch(None, q, codes, scales, bias, out, config or W4A8_CONFIG,
-                       EMULATE_CVT=interpreting())
+    grid, kw = _launch(None, q, codes, scales, bias, out, config or W4A8_CONFIG, EMULATE_CVT=interpreting())
     mxfp4_w4a8_kernel[grid](q, s, codes, scales, smax, bias if bias is not None else out, out, **kw)
     return out.reshape(*x.shape[:-1], codes.shape[0])
 
@@ -179,7 +207,9 @@ def triton_cdiv(a: int, b: int) -> int:
 # tensor-core compute). Weights stay MXFP4 at rest; one layer's copy lives only during its GEMM.
 
 
-def mxfp4_dequantize_reference(codes: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+def mxfp4_dequantize_reference(
+    codes: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16
+) -> torch.Tensor:
     return decode_mxfp4_reference(codes, scales).to(dtype)
 
 
@@ -190,9 +220,20 @@ def _dequant_launch(codes, scales, out, smax, to_fp8: bool):
     bn, bk = (16, 64) if interpreting() else (32, 256)
     grid = (triton_cdiv(n, bn), triton_cdiv(k, bk))
     mxfp4_dequant_kernel[grid](
-        codes, scales, smax if smax is not None else scales, out, n, k,
-        codes.stride(0), scales.stride(0), out.stride(0),
-        TO_FP8=to_fp8, EMULATE_CVT=interpreting(), BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        codes,
+        scales,
+        smax if smax is not None else scales,
+        out,
+        n,
+        k,
+        codes.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        TO_FP8=to_fp8,
+        EMULATE_CVT=interpreting(),
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=4,
     )
     return out
 
@@ -228,7 +269,10 @@ def mxfp4_linear_w4a16_dequant_reference(x, codes, scales, bias=None, out_dtype=
 
 
 def mxfp4_linear_w4a16_dequant(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     _check(x, codes, scales)
@@ -244,8 +288,12 @@ def mxfp4_linear_w4a8_dequant_reference(x, codes, scales, bias=None, out_dtype=N
 
 
 def mxfp4_linear_w4a8_dequant(
-    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, row_smax: torch.Tensor | None = None,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    row_smax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from .fp8_gemm import fp8_linear_rowwise
 

@@ -29,8 +29,10 @@ def _fp8_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
     ok, why = _scaled_mm_check(info, fmt)
     if not ok:
         return ok, why
-    return True, (f"{info.arch} FP8 tensor cores: Triton per-token activation quantization + "
-                  "torch._scaled_mm row-wise, or the fused block-FP8 Triton GEMM, per shape")
+    return True, (
+        f"{info.arch} FP8 tensor cores: Triton per-token activation quantization + "
+        "torch._scaled_mm row-wise, or the fused block-FP8 Triton GEMM, per shape"
+    )
 
 
 def _fp8_run(x, qw, bias, compute):
@@ -74,12 +76,33 @@ def _mxfp4_run(x, qw, bias, compute):
 
 
 BACKENDS = (
-    Backend("triton_fp8", ("fp8",), ("w8a8",), _fp8_run, _fp8_check, priority=60,
-            package="triton (and a GPU with FP8 tensor cores)"),
-    Backend("triton_mxfp4", ("mxfp4",), ("w4a16",), _mxfp4_run,
-            _mxfp4_check_for((8, 0), "bf16 tensor cores"), priority=60, package="triton"),
-    Backend("triton_mxfp4_w4a8", ("mxfp4",), ("w4a8",), _mxfp4_run,
-            _mxfp4_check_for((8, 9), "FP8 tensor cores"), priority=55, package="triton"),
+    Backend(
+        "triton_fp8",
+        ("fp8",),
+        ("w8a8",),
+        _fp8_run,
+        _fp8_check,
+        priority=60,
+        package="triton (and a GPU with FP8 tensor cores)",
+    ),
+    Backend(
+        "triton_mxfp4",
+        ("mxfp4",),
+        ("w4a16",),
+        _mxfp4_run,
+        _mxfp4_check_for((8, 0), "bf16 tensor cores"),
+        priority=60,
+        package="triton",
+    ),
+    Backend(
+        "triton_mxfp4_w4a8",
+        ("mxfp4",),
+        ("w4a8",),
+        _mxfp4_run,
+        _mxfp4_check_for((8, 9), "FP8 tensor cores"),
+        priority=55,
+        package="triton",
+    ),
 )
 
 

@@ -22,7 +22,7 @@ FP8_PATH_BY_SHAPE: dict[tuple[int, int], str] = {}
 
 
 def choose_fp8_path(m: int, n: int, k: int) -> str:
-    """"rowwise" or "fused" for an [m, k] x [k, n] FP8 linear."""
+    """ "rowwise" or "fused" for an [m, k] x [k, n] FP8 linear."""
     if n % 16 or k % 16:
         return "fused"
     if m < 256:
@@ -37,5 +37,5 @@ MXFP4_DEQUANT_MIN_M = 256
 
 
 def choose_mxfp4_path(m: int, n: int, k: int) -> str:
-    """"dequant" (decode to a transient workspace, then cuBLAS) or "fused" (decode in registers)."""
+    """ "dequant" (decode to a transient workspace, then cuBLAS) or "fused" (decode in registers)."""
     return "dequant" if m >= MXFP4_DEQUANT_MIN_M else "fused"
