@@ -218,6 +218,18 @@ def _nbytes(model: torch.nn.Module, records=None) -> int:
     return total
 
 
+def _aliased(model: torch.nn.Module, src_ptrs: set[int]) -> int:
+    """Bytes of the model's plain tensors that are the source state dict's own storage."""
+    total = 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        try:
+            if type(p.data) is torch.Tensor and p.data_ptr() in src_ptrs:
+                total += p.numel() * p.element_size()
+        except (RuntimeError, NotImplementedError):  # packed tensor subclasses have no plain storage
+            continue
+    return total
+
+
 def _attention_override():
     """The attention node's FP8 attention as a ComfyUI override (None when not available)."""
     try:
@@ -337,6 +349,7 @@ def run(args, device: torch.device) -> list[dict]:
         sd = src.state_dict()
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         src_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+        src_ptrs = {v.data_ptr() for v in sd.values()}
         inputs = _inputs(name, quick, device)
         ref, bf16_ms = None, None
         variants = [v for v in getattr(args, "variants", ",".join(VARIANTS)).split(",") if v]
@@ -360,9 +373,11 @@ def run(args, device: torch.device) -> list[dict]:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
                     out, ms = _step(model, inputs, topts, device, 1 if quick else args.steps)
-                    peak = (
-                        torch.cuda.max_memory_allocated(device) - src_bytes if device.type == "cuda" else None
-                    )
+                    # the source weights stay resident for the comparison: subtract them, but count
+                    # the ones a variant shares with them (kept bf16 layers alias the state dict)
+                    peak = None
+                    if device.type == "cuda":
+                        peak = torch.cuda.max_memory_allocated(device) - src_bytes + _aliased(model, src_ptrs)
                 except Exception as e:
                     log.exception("step %s %s failed", name, variant + suffix)
                     rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
