@@ -231,9 +231,13 @@ def _plan_inputs(args) -> tuple[list[LinearInfo], dict, str, object]:
         )
     if not args.file:
         raise UserError("plan: give a .safetensors FILE (or --reference MODEL)")
-    from .safetensors_header import read_header
+    from .safetensors_header import classify_checkpoint, read_header
 
     header = read_header(args.file)
+    kind = classify_checkpoint(header)
+    if kind.prequantized:
+        # Planning online quantization of already-quantized weights would print a wrong plan.
+        raise UserError(f"{args.file}: {kind.note}")
     shapes = header.shapes()
     return linears_from_shapes(shapes), shapes, args.file, header
 
@@ -281,7 +285,6 @@ def _measure(path: str, header, plan: QuantPlan, device_name: str) -> dict[str, 
     """Per-layer weight SQNR, streaming: one tensor of the file in memory at a time."""
     from .formats import get_format
     from .patterns import strip_prefix
-    from .quality import sqnr_db
     from .safetensors_header import iter_tensors
 
     device = _pick_device(device_name)
@@ -298,9 +301,28 @@ def _measure(path: str, header, plan: QuantPlan, device_name: str) -> dict[str, 
             qw = fmt.quantize(w)
         except OnlineQuantError as e:
             raise UserError(f"{path}: layer {name!r}: {e}") from None
-        out[name] = sqnr_db(w, qw.dequantize(torch.float32))
+        out[name] = _weight_sqnr_rows(fmt, w, qw)
         del w, qw
     return out
+
+
+def _weight_sqnr_rows(fmt, w: torch.Tensor, qw, rows_elems: int = 1 << 22) -> float:
+    """Weight SQNR (dB) accumulated over row chunks: no full fp32 copy of the layer is made.
+    Same definition and inf conventions as quant.quality.sqnr_db (which it matches, tested)."""
+    n, k = w.shape
+    step = max(1, rows_elems // max(k, 1))
+    signal = noise = 0.0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ref = w[start:stop].float()
+        deq = fmt.dequantize_rows(qw, start, stop, torch.float32)
+        signal += float(torch.sum(ref * ref))
+        noise += float(torch.sum((ref - deq) ** 2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 def _quantized(plan: QuantPlan, key: str) -> bool:

@@ -187,3 +187,23 @@ def test_default_run_subprocess():
     assert mx["bytes_after"] < fp8["bytes_after"]
     assert fp8["relative_l2"] < mx["relative_l2"] < 0.3
     assert fp8["relative_l2"] < 0.06
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "mxfp4"])
+def test_chunked_weight_sqnr_matches_quality_sqnr(fmt):
+    from quant.formats import get_format
+    from quant.quality import sqnr_db
+
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    f = get_format(fmt)
+    qw = f.quantize(w)
+    whole = sqnr_db(w, qw.dequantize(torch.float32))
+    assert cli._weight_sqnr_rows(f, w, qw, rows_elems=256 * 7) == pytest.approx(whole, abs=1e-3)
+    assert cli._weight_sqnr_rows(f, torch.zeros(64, 64), f.quantize(torch.zeros(64, 64))) == math.inf
+
+
+def test_plan_refuses_prequantized_file(tmp_path, capsys):
+    p = tmp_path / "fp8.safetensors"
+    save_file({"blocks.0.ffn.0.weight": torch.zeros(256, 256).to(torch.float8_e4m3fn)}, str(p))
+    rc, _, err = run_main(["plan", str(p)], capsys)
+    assert rc == 2 and "already quantized" in err and "Traceback" not in err
