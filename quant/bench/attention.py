@@ -104,6 +104,15 @@ def _paths(heads: int, device) -> dict:
         pass
     for name, kw in PUBLIC_MODES.items():  # what users get: fp8_attention, default configs
         paths[name] = lambda q, k, v, kw=kw: fp8_attention(q, k, v, layout="blhd", heads=heads, **kw)
+    if device.type == "cuda":  # the default mode called directly: op overhead, stats variants
+
+        def direct(q, k, v, stats):
+            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+            out = torch.empty_like(q).unflatten(-1, (heads, -1)).transpose(1, 2)
+            return fp8_attention_triton(qh, kh, vh, out, stats=stats).transpose(1, 2).flatten(2)
+
+        paths["direct_int8qk_fp8pv_tritonstats"] = lambda q, k, v: direct(q, k, v, "triton")
+        paths["direct_int8qk_fp8pv_torchstats"] = lambda q, k, v: direct(q, k, v, "torch")
     for name, kw in MODES.items():
         if name not in _TUNED:
             continue  # with --tune: every mode at the fastest config of the sweep

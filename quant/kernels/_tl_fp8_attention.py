@@ -240,3 +240,35 @@ def stats_kernel(
     tl.store(base + D + offs_d, kmin)
     tl.store(base + 2 * D + offs_d, kmax)
     tl.store(base + 3 * D + offs_d, qabs)
+
+
+@triton.jit
+def stats_finish_kernel(
+    part_ptr, mean_ptr, qbal_ptr, kbal_ptr, NCHUNK, LK,
+    D: tl.constexpr, SMOOTH: tl.constexpr, BALANCE: tl.constexpr,
+):  # fmt: skip
+    """Reduce stats_kernel's partials over chunks for one (batch, head) and write K's mean and
+    the balancing factors 1/s (for Q) and s (for K), s = sqrt(amax|Q| / amax|K − mean|). One
+    launch instead of a dozen small PyTorch ops (the Z-Image call is short enough to feel them)."""
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    ksum = tl.zeros([D], tl.float32)
+    kmin = tl.full([D], float("inf"), tl.float32)
+    kmax = tl.full([D], float("-inf"), tl.float32)
+    qabs = tl.zeros([D], tl.float32)
+    for c in range(0, NCHUNK):
+        base = part_ptr + (pid * NCHUNK + c) * 4 * D
+        ksum += tl.load(base + offs_d)
+        kmin = tl.minimum(kmin, tl.load(base + D + offs_d))
+        kmax = tl.maximum(kmax, tl.load(base + 2 * D + offs_d))
+        qabs = tl.maximum(qabs, tl.load(base + 3 * D + offs_d))
+    mean = ksum / LK if SMOOTH else tl.zeros([D], tl.float32)
+    s = tl.full([D], 1.0, tl.float32)
+    if BALANCE:
+        kabs = tl.maximum(kmax - mean, mean - kmin)
+        ok = (kabs > 0) & (qabs > 0)
+        s = tl.where(ok, tl.sqrt(qabs / tl.maximum(kabs, 1e-30)), 1.0)
+        s = tl.minimum(tl.maximum(s, 1e-4), 1e4)
+    tl.store(mean_ptr + pid * D + offs_d, mean)
+    tl.store(qbal_ptr + pid * D + offs_d, 1.0 / s)
+    tl.store(kbal_ptr + pid * D + offs_d, s)

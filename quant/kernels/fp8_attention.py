@@ -103,7 +103,7 @@ def attention_stats_triton(
         return attention_stats(q, k, smooth_k=False, balance=False)
     from . import _tl_fp8_attention as tlk
 
-    block = 32 if interpreting() else 64
+    block = 32  # rows per load: two [32, D] fp32 tiles (K and Q) stay in registers
     L = max(LQ, LK) if balance else LK
     chunk = block * max(1, -(-L // (block * 64)))  # ~64 chunks per head: enough programs
     nchunk = -(-L // chunk)
@@ -112,12 +112,11 @@ def attention_stats_triton(
         q, k, part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         H, LQ, LK, nchunk, chunk, D=D, BLOCK=block, BALANCE=balance, num_warps=4,
     )  # fmt: skip
-    part = part.view(B, H, nchunk, 4, D)
-    mean = part[:, :, :, 0].sum(2) / LK if smooth_k else torch.zeros(B, H, D, device=q.device)
-    if not balance:
-        one = torch.ones(B, H, D, device=q.device, dtype=torch.float32)
-        return mean.contiguous(), one, one
-    return _finish_stats(mean, part[:, :, :, 1].amin(2), part[:, :, :, 2].amax(2), part[:, :, :, 3].amax(2))
+    mean, qbal, kbal = (torch.empty(B, H, D, device=q.device, dtype=torch.float32) for _ in range(3))
+    tlk.stats_finish_kernel[(B * H,)](
+        part, mean, qbal, kbal, nchunk, LK, D=D, SMOOTH=smooth_k, BALANCE=balance, num_warps=1
+    )
+    return mean, qbal, kbal
 
 
 def attention_stats(
@@ -154,11 +153,13 @@ def fp8_attention_triton(
     balance: bool | None = None,
     k_per_token: bool = False,
     config: AttnConfig | None = None,
+    stats: str = "triton",
 ) -> torch.Tensor:
     """Run the pre-pass and the forward. q [B,H,LQ,D], k/v [B,H,LK,D], out [B,H,LQ,D]: any
     strides with the last one 1 (so [B,L,H,D] memory passes as a permuted view, no copy).
     Writes `out` and returns it. Callers validate shapes/dtypes/devices first.
-    `balance` defaults to `qk_int8` (it helps INT8 and is neutral for FP8's relative precision)."""
+    `balance` defaults to `qk_int8` (it helps INT8 and is neutral for FP8's relative precision).
+    `stats`: "triton" (fused pass) or "torch" (PyTorch reductions; kept for the benchmark)."""
     quant_kv_kernel, attn_fwd_kernel = _kernels()
     cfg = config or default_config(
         q.shape[-1], q.device, qk_int8=qk_int8, v_fp8=v_fp8, k_per_token=k_per_token
@@ -172,7 +173,8 @@ def fp8_attention_triton(
     dev = q.device
     exact = interpreting()
 
-    kmean, qbal, kbal = attention_stats_triton(q, k, smooth_k=smooth_k, balance=balance)
+    stats_fn = attention_stats_triton if stats == "triton" else attention_stats
+    kmean, qbal, kbal = stats_fn(q, k, smooth_k=smooth_k, balance=balance)
     k8 = torch.empty(B * H, lpad, D, device=dev, dtype=torch.int8 if qk_int8 else torch.float8_e4m3fn)
     ks = torch.empty(B * H, lpad if k_per_token else nblk, device=dev, dtype=torch.float32)
     if v_fp8:
