@@ -207,3 +207,37 @@ def test_plan_refuses_prequantized_file(tmp_path, capsys):
     save_file({"blocks.0.ffn.0.weight": torch.zeros(256, 256).to(torch.float8_e4m3fn)}, str(p))
     rc, _, err = run_main(["plan", str(p)], capsys)
     assert rc == 2 and "already quantized" in err and "Traceback" not in err
+
+
+def sparse_checkpoint(path: Path, shapes: dict) -> Path:
+    """A full-size bf16 safetensors file whose data section is a hole (sparse): real header,
+    real size (tens of GB), no disk used. Only a header-only reader can plan it quickly."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * 2
+        entry = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[f"model.diffusion_model.{name}"] = entry
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def test_plan_full_size_sparse_file_reads_header_only(tmp_path, capsys, monkeypatch):
+    from quant import safetensors_header
+    from quant.toy_model import reference_shapes
+
+    p = sparse_checkpoint(tmp_path / "wan14b.safetensors", reference_shapes("wan21_t2v_14b"))
+    assert p.stat().st_size > 28e9
+
+    def no_data(*a, **k):
+        raise AssertionError("plan without --measure must not read tensor data")
+
+    monkeypatch.setattr(safetensors_header, "iter_tensors", no_data)
+    rc, out, err = run_main(["plan", str(p), "--format", "mxfp4"], capsys)
+    assert rc == 0, err
+    assert "[wan21]" in out and "406 Linear layers: quantize 80" in out and "26.60 GiB -> 18.86 GiB" in out
