@@ -267,3 +267,32 @@ def test_file_truncated_during_load_is_an_error_not_a_crash(comfyui_path, wan_fi
     assert child.exitcode == 0, f"child exited with {child.exitcode}"
     msg = q.get(timeout=10)
     assert "CheckpointError" in msg or "file ended while reading" in msg, msg
+
+
+def test_out_of_memory_while_quantizing_names_layer_and_size_and_next_load_works(
+    pack, loader, wan_file, monkeypatch
+):
+    """torch.OutOfMemoryError inside one layer's quantization (simulated: no GPU here)."""
+    ops = pack.nodes.ops
+    real = ops.quantize_to_tensor
+
+    def oom_on_ffn2(w, *a, **k):
+        if tuple(w.shape) == (hm.wan_model().blocks[1].ffn[2].weight.shape):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(w, *a, **k)
+
+    monkeypatch.setattr(ops, "quantize_to_tensor", oom_on_ffn2)
+    created, restore = _spy_online_linears(pack)
+    try:
+        with pytest.raises(_errors(pack).QuantizationOOMError) as ei:
+            loader.load_quantized(str(wan_file), "fp8_e4m3fn", "")
+    finally:
+        restore()
+        monkeypatch.undo()
+    msg = str(ei.value)
+    del ei  # its traceback holds the frames (and the half-built model) alive
+    assert "ffn.2" in msg and "out of memory" in msg and "bytes" in msg, msg
+    gc.collect()
+    assert all(r() is None for r in created), "a half-built model survived the OOM"
+    mp, rep = loader.load_quantized(str(wan_file), "fp8_e4m3fn", "")
+    assert rep.quantized()
