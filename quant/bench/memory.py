@@ -13,7 +13,9 @@ temporary folder and deleted afterwards. Each load runs in a fresh process (mult
   checkpoint that were touched as well as the process's own memory;
 - peak anonymous RSS: sampled from /proc/self/status every 5 ms (Linux): the process's own
   memory (model weights, copies), what actually competes with other programs for RAM;
-- peak VRAM (CUDA only): torch.cuda.max_memory_allocated during the load.
+- peak VRAM (CUDA only): torch.cuda.max_memory_allocated from the start of the load until the
+  model sits on the GPU (ComfyUI's plain load builds it on the CPU, then it is moved; ours
+  quantizes each layer on the GPU as it loads, so the bound is the quantized model + one bf16 weight).
 This module imports ComfyUI and the pack's nodes lazily, inside the child processes only, as
 quant/bench/models.py does.
 """
@@ -134,7 +136,11 @@ def _child(kind: str, path: str, device: str, queue) -> None:
             patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.bfloat16})
         else:
             loader = _pack("nodes.loader")
-            patcher, report = loader.load_quantized(path, kind, None, compute_dtype="bf16")
+            # On a GPU, quantize there layer by layer as the file loads (one bf16 weight at a time).
+            qdev = "cuda" if device == "cuda" else None
+            patcher, report = loader.load_quantized(
+                path, kind, None, compute_dtype="bf16", quantize_device=qdev
+            )
             records = report.quantized()
         if device == "cuda":
             patcher.model.diffusion_model.to("cuda")
