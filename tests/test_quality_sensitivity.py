@@ -71,8 +71,11 @@ def test_parse_rule(text, expected):
 
 @pytest.mark.parametrize("text", ["worst five", "12 GB", "worst 150%", "below x dB"])
 def test_parse_rule_errors_quote_the_text(text):
-    with pytest.raises(ValueError, match="keep_sensitive"):
+    from quant.errors import OnlineQuantError, SensitivityRuleError
+
+    with pytest.raises(SensitivityRuleError, match="keep_sensitive") as ei:
         quality.parse_sensitivity_rule(text)
+    assert isinstance(ei.value, OnlineQuantError) and isinstance(ei.value, ValueError)
 
 
 def test_rule_locality_and_keeps():
