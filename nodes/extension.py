@@ -24,19 +24,26 @@ def node_list() -> list[type[io.ComfyNode]]:
     return nodes
 
 
+def register_routes() -> None:
+    """The web preview route (engineer F) registers on ComfyUI's server when it exists (idempotent)."""
+    try:
+        from . import routes
+    except ImportError:
+        return
+    setup = getattr(routes, "setup", None)
+    if setup is not None:
+        try:
+            setup()
+        except Exception as e:  # the nodes must still load when the server is absent (tests, scripts)
+            log.warning("OnlineQuant: web routes not registered: %s", e)
+
+
 class OnlineQuantExtension(ComfyExtension):
     async def on_load(self) -> None:
-        # The web preview route (engineer F) registers on ComfyUI's server when it exists.
-        try:
-            from . import routes
-        except ImportError:
-            return
-        setup = getattr(routes, "setup", None)
-        if setup is not None:
-            try:
-                setup()
-            except Exception as e:  # the nodes must still load when the server is absent (tests, scripts)
-                log.warning("OnlineQuant: web routes not registered: %s", e)
+        register_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.8.0's custom-node loader calls get_node_list() but never on_load():
+        # register here too, or the web preview has no route (tests/test_routes.py checks it).
+        register_routes()
         return node_list()
