@@ -35,18 +35,25 @@ def _pack():
     return mod
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn, reps: int = 3) -> tuple[torch.Tensor, float]:
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     for _ in range(reps):
         out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return out, (time.perf_counter() - t) / reps * 1e3
 
 
 def main() -> None:
-    import comfy.cli_args  # noqa: F401  (GPU present: no --cpu)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
     import comfy.model_management as mm
     import comfy.ops
     import comfy.sd
@@ -54,7 +61,8 @@ def main() -> None:
     from comfy.ldm.wan.model import WanModel
 
     pack = _pack()
-    dim, ffn, layers = 1024, 4096, 4
+    dim, layers = int(os.environ.get("CHECK_DIM", 1024)), 4
+    ffn = 4 * dim
     m = WanModel(
         model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=dim, ffn_dim=ffn, freq_dim=256,
         text_dim=4096, out_dim=16, num_heads=dim // 128, num_layers=layers,
@@ -65,7 +73,8 @@ def main() -> None:
     path = str(hm.save_model(m, tmp / "wan_gpu.safetensors"))
     del m
     dev = mm.get_torch_device()
-    print(f"device {dev}: {torch.cuda.get_device_name()} torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device {dev}: {name}, torch {torch.__version__}; Wan dim {dim}, {layers} blocks")
     g = torch.Generator().manual_seed(1)
     inp = {
         "x": torch.randn(1, 16, 4, 32, 32, generator=g).bfloat16().to(dev),

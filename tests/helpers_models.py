@@ -151,8 +151,10 @@ def run_diffusion_model(patcher, inputs: dict) -> torch.Tensor:
 
     comfy.model_management.load_models_gpu([patcher])
     topts = patcher.model_options.get("transformer_options", {})
+    dev = patcher.load_device
+    inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
     with torch.no_grad():
-        return patcher.model.diffusion_model(**inputs, transformer_options=dict(topts)).float()
+        return patcher.model.diffusion_model(**inputs, transformer_options=dict(topts)).float().cpu()
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -77,17 +77,19 @@ def test_lora_full_load_requantizes_exactly_and_unpatch_restores(mods, wan_file,
 
     ml, _ = comfy.sd.load_lora_for_models(mp, None, _lora(WAN_LORA_LAYERS), 1.0, 0)
     assert set(ml.patches) == {f"diffusion_model.{n}.weight" for n in WAN_LORA_LAYERS}
-    # the exact patched result: dequantize in ComfyUI's LoRA dtype, add the LoRA, requantize
+    # the exact patched result: on the load device, dequantize in ComfyUI's LoRA dtype for that
+    # device (fp32 on CPU, fp16 on most GPUs), add the LoRA, requantize
+    dev = ml.load_device
     expected = {}
     for key in ml.patches:
-        w = comfy.utils.get_attr(ml.model, key)
-        base = w.to(comfy.model_management.lora_compute_dtype(torch.device("cpu")), copy=True).dequantize()
+        w = comfy.utils.get_attr(ml.model, key).to(dev)
+        base = w.to(comfy.model_management.lora_compute_dtype(dev), copy=True).dequantize()
         expected[key] = mods.quant.formats.get_format(fmt).quantize(
             comfy.lora.calculate_weight(ml.patches[key], base, key)
         )
     y1 = hm.run_diffusion_model(ml, inp)
     for key, qw in expected.items():
-        got = comfy.utils.get_attr(ml.model, key)
+        got = comfy.utils.get_attr(ml.model, key).to(dev)
         assert mods.nodes.layouts.is_online_quant(got)
         assert torch.equal(got._qdata.view(torch.uint8), qw.qdata.view(torch.uint8)), key
         assert torch.equal(got._params.scale, qw.scale), key
