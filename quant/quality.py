@@ -384,23 +384,46 @@ def measure_weight_sqnr(
         d = plan.decision(name)
         if d is None or not d.quantize:
             continue
+        if hasattr(t, "materialize"):  # a lazily read tensor (safetensors_header.lazy_state_dict): read once
+            t = t.materialize()
         if device is not None:
             t = t.to(device)
         out[name] = estimate_weight_sqnr_db(t, plan.format, rows)
     return out
 
 
+def other_param_bytes(shapes: Mapping[str, Sequence[int]], plan, dtype_bytes: int = 2) -> int:
+    """Bytes of the parameters that are not Linear weights of the plan (biases, norms, embeddings,
+    convolutions), at `dtype_bytes` per value: what a byte budget must count besides the plan."""
+    from .patterns import strip_prefix
+
+    total = 0
+    for key, shape in shapes.items():
+        if key.endswith(".weight") and plan.decision(strip_prefix(key[: -len(".weight")])) is not None:
+            continue
+        total += math.prod(shape) * dtype_bytes
+    return total
+
+
 def plan_with_sensitivity(plan, tensors, rule: SensitivityRule | str | None, **kw):
     """The loader's one call for `keep_sensitive`: measure (`measure_weight_sqnr`) then choose
     (`apply_sensitivity`). Returns `(plan, kept_names, text)`; `text` is a report note listing
-    the kept layers as lines to paste into the ignored-layers field ("" when nothing is kept).
-    `kw`: `device`, `rows` (measurement), `other_bytes`, `dtype_bytes` (budget)."""
+    the kept layers as lines to paste into the ignored-layers field ("" when the rule is none).
+    `tensors`: a state dict (only the planned weights are read) or `(key, tensor)` pairs.
+    `kw`: `device`, `rows` (measurement); `shapes` (the file's {key: shape}, to count the other
+    parameters for a byte budget) or `other_bytes`; `dtype_bytes` (budget)."""
     if not isinstance(rule, SensitivityRule):
         rule = parse_sensitivity_rule(rule)
     if not rule.active:
         return plan, [], ""
     mkw = {k: kw.pop(k) for k in ("device", "rows") if k in kw}
-    sq = measure_weight_sqnr(tensors, plan, **mkw)
+    shapes = kw.pop("shapes", None)
+    if shapes is not None and "other_bytes" not in kw:
+        kw["other_bytes"] = other_param_bytes(shapes, plan, kw.get("dtype_bytes", 2))
+    pairs = tensors
+    if isinstance(tensors, Mapping):  # read only weights (lazy state dicts read on first use)
+        pairs = ((k, tensors[k]) for k in list(tensors.keys()) if k.endswith(".weight"))
+    sq = measure_weight_sqnr(pairs, plan, **mkw)
     new, kept = apply_sensitivity(plan, sq, rule, **kw)
     if not kept:
         return new, kept, f"keep_sensitive ({rule.describe()}): no layer selected"

@@ -180,3 +180,24 @@ def test_plan_with_sensitivity_text_and_noop():
     assert "1 layer(s) kept" in text and "blocks.2.ffn.0  #" in text
     same, none, t2 = quality.plan_with_sensitivity(plan, tensors.items(), "none")
     assert same is plan and none == [] and t2 == ""
+
+
+def test_plan_with_sensitivity_budget_counts_other_params():
+    plan = _plan("fp8_e4m3fn")
+    g = torch.Generator().manual_seed(0)
+    sd = {f"blocks.{i}.ffn.0.weight": 0.02 * torch.randn(512, 256, generator=g) for i in range(4)}
+    sd["head.head.weight"] = torch.randn(64, 256, generator=g)
+    sd["norm.weight"] = torch.ones(1000)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert quality.other_param_bytes(shapes, plan) == 2000  # head.head is in the plan (kept by size)
+    from quant.formats import get_format
+
+    extra = 512 * 256 * 2 - get_format("fp8_e4m3fn").packed_nbytes(512, 256)
+    budget = plan.bytes_after() + 2000 + 2 * extra  # room for two layers in bf16
+    rule = f"max {budget / 1e6} MB"
+    new, kept, text = quality.plan_with_sensitivity(plan, sd, rule, shapes=shapes)
+    assert len(kept) == 2 and new.bytes_after() + 2000 <= budget
+    new, kept, _ = quality.plan_with_sensitivity(plan, sd, rule)  # without shapes: 2000 bytes unseen
+    assert len(kept) == 2
+    new, kept, _ = quality.plan_with_sensitivity(plan, sd, rule, shapes={**shapes, "big": (10**6,)})
+    assert kept == [] and "no layer selected" in _
