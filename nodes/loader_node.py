@@ -65,7 +65,7 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="The quantized model, usable as any MODEL (LoRA, lowvram, compile)."),
-                io.String.Output(display_name="report", tooltip="Layers quantized/kept, bytes, time, backend."),
+                io.String.Output(display_name="report", tooltip="Layers quantized/kept, bytes, backend."),
             ],
         )
 
