@@ -109,7 +109,7 @@ class LoadReport:
             f"OnlineQuant: {self.model_file}",
             f"family: {self.family}   format: {self.format}   compute dtype: {self.compute_dtype}",
             f"backend: {self.backend or 'n/a'}"
-            + (f" ({self.backend_reason})" if self.backend_reason else ""),
+            + (f" ({_short_reason(self.backend_reason)})" if self.backend_reason else ""),
             f"Linear layers: {len(self.quantized())} quantized, {len(self.kept())} kept",
             f"Linear weights: {_gib(before)} -> {_gib(after)} ({ratio:.1f}%)",
             f"load time: {self.load_seconds:.2f} s (quantization {self.quantize_seconds:.2f} s"
@@ -136,6 +136,11 @@ class LoadReport:
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
+
+
+def _short_reason(reason: str) -> str:
+    """The reason without the list of backends that were not chosen (kept in to_dict())."""
+    return reason.split(" (not chosen:")[0]
 
 
 def _gib(n: int) -> str:
