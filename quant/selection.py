@@ -253,6 +253,8 @@ def build_plan(
     pattern that ignores only part of a fused layer; ValueError for an unknown format.
     """
     fmt = _get_format(format)
+    if min_out_features < 0:
+        raise ValueError(f"min_out_features must be >= 0, got {min_out_features}")
     layers = [LinearInfo(strip_prefix(li.name), li.out_features, li.in_features) for li in layers]
     names = [li.name for li in layers]
     if family == "auto":

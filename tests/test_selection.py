@@ -115,6 +115,8 @@ def test_bad_regex_and_unknown_format():
         build_plan(SMALL, "mxfp4", "w2\nre:(", family="zimage")
     with pytest.raises(ValueError, match="int3"):
         build_plan(SMALL, "int3", "", family="zimage")
+    with pytest.raises(ValueError, match="min_out_features must be >= 0"):
+        build_plan(SMALL, "mxfp4", "", family="zimage", min_out_features=-1)
 
 
 # --- fused layers -----------------------------------------------------------------------------
