@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def add_args(parser) -> None:
     parser.add_argument("--m", default=None, help="comma-separated token counts (default 4096,32760)")
     parser.add_argument("--gemm-models", default="", help="only shapes of these models (comma list)")
+    parser.add_argument("--shapes", default="", help="explicit M:K:N list instead (comma separated)")
     parser.add_argument(
         "--compiled",
         action="store_true",
@@ -34,9 +35,17 @@ def run(args, device: torch.device) -> list[dict]:
     ms = QUICK_M if args.quick else DEFAULT_M
     if getattr(args, "m", None):
         ms = tuple(int(v) for v in args.m.split(","))
+    explicit: dict[tuple[int, int], list[int]] = {}
+    for spec in [t for t in getattr(args, "shapes", "").split(",") if t]:
+        m_, k_, n_ = (int(v) for v in spec.split(":"))
+        explicit.setdefault((k_, n_), []).append(m_)
+    if explicit:
+        shapes = [("custom", f"{k}->{n}", k, n) for k, n in explicit]
     rows: list[dict] = []
     g = torch.Generator(device=device).manual_seed(0)
     for model, layer, k, n in shapes:
+        if explicit:
+            ms = tuple(explicit[k, n])
         w = (torch.randn((n, k), generator=g, device=device) * 0.02).to(torch.bfloat16)
         b = (torch.randn((n,), generator=g, device=device) * 0.02).to(torch.bfloat16)
         for m in ms:
