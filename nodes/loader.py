@@ -101,6 +101,7 @@ def load_quantized(
     compute: str = "auto",
     quantize_device: torch.device | str | None = None,
     record_sqnr: bool | None = None,
+    keep_sensitive: str | None = None,
 ):
     """Load `unet_path` as a ComfyUI MODEL, quantizing its Linear layers. -> (ModelPatcher, LoadReport)
 
@@ -108,6 +109,9 @@ def load_quantized(
     compute_dtype: "auto" (ComfyUI's choice for the device), "bf16", "fp16" or "fp32".
     family: override detection ("zimage", "wan21", "wan22_5b", "generic", ...).
     compute: activation mode for the quantized matmul ("auto" lets quant.backends decide).
+    keep_sensitive: also keep in bf16 the planned layers with the worst estimated weight SQNR
+        ("worst 5%", "below 20 dB", "max 12 GB"; quant.quality.plan_with_sensitivity); the
+        chosen layers are listed in the report as lines to paste into the ignored layers.
     """
     t0 = time.perf_counter()
     if compute_dtype not in COMPUTE_DTYPES:
@@ -168,6 +172,11 @@ def load_quantized(
         names = [li.name for li in layers]
         text, _ = resolve_ignore_text(ignore_text, fam, names)
         plan = build_plan(layers, quantization, text, fam, min_out_features)
+        if keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
+            from ..quant.quality import plan_with_sensitivity
+
+            plan, _, note = plan_with_sensitivity(plan, sd, keep_sensitive, shapes=shapes)
+            report.notes.append(note)
         report.warnings.extend(plan.warnings)
         report.plan_summary = plan.summary()
         ops = make_ops(

@@ -54,10 +54,10 @@ log = logging.getLogger(__name__)
 def _weight_sqnr_fn():
     """H's per-weight SQNR helper when present (quant/quality.py), else None."""
     try:
-        from ..quant.quality import weight_sqnr_db
+        from ..quant.quality import quantized_weight_sqnr_db
     except ImportError:
         return None
-    return weight_sqnr_db
+    return quantized_weight_sqnr_db
 
 
 @dataclass
@@ -172,7 +172,8 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             if state.record_sqnr:
                 fn = _weight_sqnr_fn()
                 if fn is not None:
-                    sqnr = float(fn(w, qt.dequantize()))
+                    # 256 evenly spaced rows: exact per row (row-local formats), ~1% of the quantization
+                    sqnr = float(fn(w, as_quantized_weight(qt)))
             qt = qt.to(device=target)
         except torch.OutOfMemoryError:
             w = None
@@ -295,8 +296,9 @@ def make_ops(
         contract; the rest of the model follows comfy.ops.manual_cast.
     quantize_device: where layers are quantized; default: ComfyUI's torch device when it is a
         GPU, else the CPU.
-    record_sqnr: measure each quantized weight's SQNR (one extra dequantize per layer); default
-        on when quantizing on a GPU, where it costs a few % of the load, off on the CPU.
+    record_sqnr: measure each quantized weight's SQNR (quant.quality.quantized_weight_sqnr_db on
+        256 sampled rows: ~1% of the quantization on CPU, see `python -m quant.quality_bench
+        --overhead`); default on.
     """
     register_layouts()
     if quantize_device is None:
@@ -304,7 +306,7 @@ def make_ops(
         quantize_device = dev if dev.type in ("cuda", "xpu") else torch.device("cpu")
     quantize_device = torch.device(quantize_device)
     if record_sqnr is None:
-        record_sqnr = quantize_device.type != "cpu"
+        record_sqnr = True
     state = LoadState(
         plan=plan,
         format=format_name,
