@@ -25,7 +25,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
-    """Weight scale as the [1, N] fp32 row that `_scaled_mm` takes for row-wise scaling."""
+    """Weight scale as the [1, N] fp32 row that `_scaled_mm` takes for row-wise scaling.
+    A contiguous fp32 [N, 1] scale (the stored per-channel layout) is only re-viewed: no copy and
+    no kernel launch per call (small GEMMs are host-bound, see .dev/notes/D.md)."""
+    if w_scale.dtype == torch.float32 and w_scale.numel() == n and w_scale.is_contiguous():
+        return w_scale.view(1, n)
     return w_scale.float().reshape(-1, 1).expand(n, 1).reshape(1, n).contiguous()
 
 
