@@ -148,3 +148,17 @@ def test_shipped_files_exist():
 @pytest.mark.parametrize("path", shipped_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_pack_never_does_these(path):
     assert findings(path.read_text(encoding="utf-8"), str(path.relative_to(REPO))) == []
+
+
+HTML_SINKS = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function(")
+
+
+def test_web_code_never_builds_html_from_strings():
+    """File-derived strings (tensor names, errors) reach the page as text (issue 6): the frontend
+    never uses an HTML sink. A comment that names one is fine."""
+    found = []
+    for p in sorted((REPO / "web").rglob("*.js")):
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("//", 1)[0]
+            found += [f"{p.relative_to(REPO)}:{i}: {s}" for s in HTML_SINKS if s in code]
+    assert found == []
