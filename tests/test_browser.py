@@ -136,6 +136,10 @@ def add_loader(page, model: str) -> int:
     return page.evaluate(
         """(model) => {
             app.graph.clear();
+            // fresh node ids: the Vue nodes renderer keeps widget state by node id, and a cleared
+            // graph would otherwise reuse id 1 from the graph a previous test loaded
+            window.__oqNextId = (window.__oqNextId || 1000) + 10;
+            app.graph.last_node_id = window.__oqNextId;
             const n = LiteGraph.createNode('OnlineQuantDiffusionLoader');
             n.pos = [80, 160];
             app.graph.add(n);
@@ -294,8 +298,10 @@ def test_preview_in_vue_nodes_mode(page, srv):
     try:
         page.wait_for_timeout(500)
         add_loader(page, PREVIEW_MODEL)
-        wait_counts(page, counts_text(plan(srv, None)))
-        page.screenshot(path=str(ARTIFACTS / f"loader_preview_vue_nodes_fe{page.frontend_version}.png"))
+        try:
+            wait_counts(page, counts_text(plan(srv, None)))
+        finally:
+            page.screenshot(path=str(ARTIFACTS / f"loader_preview_vue_nodes_fe{page.frontend_version}.png"))
     finally:
         page.evaluate("app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
     assert not page.errors, page.errors
