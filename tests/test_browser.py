@@ -204,6 +204,18 @@ def test_live_plan_preview(page, srv):
         },
     )
     page.screenshot(path=str(ARTIFACTS / "editor.png"))
+    # the panel is not part of the saved workflow nor of the prompt sent to the server
+    saved = page.evaluate(
+        """async () => {
+            const n = app.graph._nodes.find(n => n.comfyClass === 'OnlineQuantDiffusionLoader');
+            const p = await app.graphToPrompt();
+            return {values: n.serialize().widgets_values, inputs: Object.keys(p.output[String(n.id)].inputs)};
+        }"""
+    )
+    assert len(saved["values"]) == 5 and "x_embedder" in saved["values"][2]
+    assert sorted(saved["inputs"]) == sorted(
+        ["unet_name", "quantization", "ignored_layers", "min_out_features", "compute_dtype"]
+    )
     assert not page.errors, page.errors
 
 
