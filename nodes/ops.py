@@ -118,6 +118,11 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 f"layer {name!r}: weight shape {tuple(weight.shape)} does not fit the model's "
                 f"{(self.out_features, self.in_features)}"
             )
+        if not isinstance(weight, QuantizedTensor) and not weight.is_floating_point():
+            raise CheckpointError(  # G (issue 6): an integer weight reached the quantizer as a TypeError
+                f"layer {name!r}: weight dtype {weight.dtype} is not a floating-point type, so it does "
+                "not fit this model (an integer-quantized or damaged checkpoint?)"
+            )
         state = self._oq_state
         state.seen.add(name)
         target = self._target_device(weight)

@@ -296,3 +296,13 @@ def test_out_of_memory_while_quantizing_names_layer_and_size_and_next_load_works
     assert all(r() is None for r in created), "a half-built model survived the OOM"
     mp, rep = loader.load_quantized(str(wan_file), "fp8_e4m3fn", "")
     assert rep.quantized()
+
+
+def test_weight_dtype_that_does_not_fit_names_the_layer(pack, loader, wan_file, tmp_path):
+    def edit(sd):
+        sd["blocks.0.ffn.0.weight"] = sd["blocks.0.ffn.0.weight"].to(torch.int32)
+
+    p = _variant(wan_file, tmp_path / "dtype.safetensors", edit)
+    with pytest.raises(Exception) as ei:
+        loader.load_quantized(p, "fp8_e4m3fn", "")
+    assert "blocks.0.ffn.0" in str(ei.value), f"{type(ei.value).__name__}: {ei.value}"
