@@ -121,6 +121,10 @@ class LoadReport:
                 f"weight SQNR: min {sq['min_db']:.1f} dB, mean {sq['mean_db']:.1f} dB"
                 f" over {sq['layers']} layers"
             )
+            # the worst quantized layers by weight SQNR, as lines the ignored-layers field accepts
+            worst = sorted((r for r in self.quantized() if r.sqnr_db is not None), key=lambda r: r.sqnr_db)
+            lines.append("lowest weight SQNR (copy a line into ignored_layers to keep that layer):")
+            lines.extend(f"  {r.name}  # {r.sqnr_db:.1f} dB" for r in worst[:5])
         kept = self.kept()
         if kept:
             by = ", ".join(f"{k}: {v}" for k, v in self.counts_by_reason().items())

@@ -30,6 +30,8 @@ def test_report_has_per_layer_sqnr_by_default(loader, wan_file, fmt, lo, hi):
     assert all(r.sqnr_db is None for r in rep.kept())
     d = rep.to_dict()
     assert d["sqnr"]["layers"] == len(q) and lo < d["sqnr"]["min_db"] <= d["sqnr"]["mean_db"] < hi
+    worst = min(q, key=lambda r: r.sqnr_db)
+    assert f"  {worst.name}  # {worst.sqnr_db:.1f} dB" in rep.to_text()  # pasteable worst-layer line
 
 
 def test_keep_sensitive_worst_fraction(pack, loader, wan_file):
