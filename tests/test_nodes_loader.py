@@ -184,3 +184,18 @@ def test_resolve_ignore_text(loader):
     assert loader.resolve_ignore_text("", "wan21", names) == ("", False)
     text, auto = loader.resolve_ignore_text("# auto\nffn\n", "wan21", names)
     assert auto and text.rstrip().endswith("ffn") and "self_attn" in text
+
+
+@pytest.mark.parametrize("compute_dtype,dtype", [("auto", None), ("fp16", torch.float16)])
+def test_compute_dtypes_run_close_to_bf16(pack, loader, wan_file, wan_ref, compute_dtype, dtype):
+    """auto (ComfyUI's choice: fp32 on the CPU) and fp16 activations through the quantized layers."""
+    mp, _ = loader.load_quantized(str(wan_file), "fp8_e4m3fn", "", compute_dtype=compute_dtype)
+    lin = mp.model.diffusion_model.blocks[0].ffn[0]
+    want = dtype or mp.model.get_dtype()
+    assert lin.weight.dtype == want and lin.bias.dtype == want
+    inputs = {
+        k: (v.to(want) if v.is_floating_point() and v.dim() > 1 else v) for k, v in hm.wan_inputs().items()
+    }
+    out = hm.run_diffusion_model(mp, inputs)
+    assert torch.isfinite(out).all()
+    assert hm.rel_err(wan_ref, out) < MAX_ERR["fp8_e4m3fn"]
