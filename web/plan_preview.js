@@ -1,5 +1,5 @@
 // Live plan preview on the OnlineQuant loader node: as the user picks the model file or the
-// format, or edits ignored_layers / min_out_features, ask GET /onlinequant/plan (header only,
+// format, or edits ignored_layers / min_out_features, ask POST /onlinequant/plan (header only,
 // same selection code as the loader) and show what would be quantized, kept (by reason), the
 // weight bytes before -> after, warnings and pattern errors, and an expandable per-layer list.
 import { app } from "../../scripts/app.js";
@@ -13,6 +13,7 @@ const SOURCE_LABEL = {
   default: "kept by the model's defaults",
   size: "too small (out < min_out_features)",
   format: "shape unsupported by the format",
+  none: "not quantized (quantization: none)",
 };
 
 function currentParams(node) {
