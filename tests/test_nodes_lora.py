@@ -191,3 +191,24 @@ def test_set_weight_inplace_and_return_weight(mods, wan_file):
     assert torch.equal(w._qdata.view(torch.uint8), ret._qdata.view(torch.uint8))
     assert torch.equal(w._params.scale, ret._params.scale)
     assert hm.rel_err(new, lin.convert_weight(w).float()) < 0.05
+
+
+def test_partially_unloaded_model_runs_the_same(mods, wan_file):
+    """ComfyUI frees memory by partially unloading a loaded model (modules switch to cast
+    weights, moved per forward as packed bytes): the output must not change."""
+    mp, _ = mods.nodes.loader.load_quantized(str(wan_file), "mxfp4", "", compute_dtype="bf16")
+    inp = hm.wan_inputs()
+    y0 = hm.run_diffusion_model(mp, inp)
+    freed = mp.partially_unload(mp.offload_device, 2 * 10**6)
+    try:
+        assert freed > 0 and mp.model.model_lowvram
+        assert any(
+            getattr(m, "comfy_cast_weights", False) for m in mp.model.diffusion_model.blocks[0].modules()
+        )
+        dev = mp.load_device
+        with torch.no_grad():
+            inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inp.items()}
+            y1 = mp.model.diffusion_model(**inputs, transformer_options={}).float().cpu()
+        assert hm.rel_err(y0, y1) < 1e-3
+    finally:
+        comfy.model_management.unload_all_models()
