@@ -61,7 +61,8 @@ def random_valid(rng: random.Random) -> bytes:
         header["__metadata__"] = {_name(rng): _name(rng) for _ in range(rng.randint(0, 3))}
     pos = 0
     chunks = []
-    names = {_name(rng) for _ in range(rng.randint(0, 6))} - {"__metadata__"}
+    # dict.fromkeys, not a set: set order depends on PYTHONHASHSEED, and runs must repeat exactly
+    names = [n for n in dict.fromkeys(_name(rng) for _ in range(rng.randint(0, 6))) if n != "__metadata__"]
     for name in names:
         dtype = rng.choice(list(DTYPE_BITS))
         bits = DTYPE_BITS[dtype]

@@ -226,9 +226,21 @@ class _HeaderJSONError(ValueError):
     pass
 
 
+def _check_finite(text: str) -> None:
+    # The format's JSON parser (serde_json) reads a number that fits no 64-bit integer as an f64
+    # and rejects the header when that overflows, even in a field nobody reads (found by
+    # quant/fuzz.py). 400+ digits always overflow; float() of shorter text is cheap.
+    digits = len(text.lstrip("-").split("e")[0].split("E")[0].split(".")[0])
+    if digits > 400 or float(text) in (float("inf"), float("-inf")):
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+        raise _HeaderJSONError(f"number {shown} is out of range")
+
+
 def _parse_int(text: str) -> int | _BadNumber:
     # Checked before int(): a 90 MB digit string must not be converted (and Python caps int()
     # of long strings anyway).
+    if len(text) > 20:
+        _check_finite(text)
     if text.startswith("-"):
         return _BadNumber(text, "negative")
     if len(text) > 20 or int(text) > _U64_MAX:
@@ -237,6 +249,7 @@ def _parse_int(text: str) -> int | _BadNumber:
 
 
 def _parse_float(text: str) -> _BadNumber:
+    _check_finite(text)
     return _BadNumber(text, "not an integer")
 
 
