@@ -109,3 +109,15 @@ def test_node_schema_and_execute(mods, pack, wan_pair):
     text = out.result[0]
     assert text.startswith("OnlineQuant compare") and "final latent" in text
     assert out.result[1]["samples"].shape == (1, 16, 1, 8, 8)
+
+
+def test_compare_node_served_by_real_comfyui(comfy_server):
+    """The running server (main.py --cpu, pack in custom_nodes) lists the node with its inputs."""
+    info = comfy_server.get_json("/object_info/OnlineQuantCompare")["OnlineQuantCompare"]
+    assert info["display_name"] == "Compare Models (Online Quant)"
+    assert info["category"] == "OnlineQuant"
+    req = info["input"]["required"]
+    assert {"model", "reference_model", "positive", "negative", "latent_image", "seed", "steps"} <= set(req)
+    assert req["model"][0] == "MODEL" and req["latent_image"][0] == "LATENT"
+    assert "vae" in info["input"]["optional"]
+    assert info["output"] == ["STRING", "LATENT", "LATENT"]
