@@ -89,7 +89,8 @@ def random_valid(rng: random.Random) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + b"".join(chunks)
 
 
-_BAD_VALUES = [-1, -0.0, 2.5, True, False, None, "2", [], {}, 2**64, 2**64 - 1, 2**63, 10**30, 1e400]
+_BAD_VALUES = [-1, -0.0, 2.5, True, False, None, "2", [], {}, 2**64, 2**64 - 1, 2**63, 10**30, 1e400,
+               10**400, "\ud800", ["\udc00"], {"\ud83d\udca5": "ok"}]
 
 
 def _json_mutation(rng: random.Random, data: bytes) -> bytes:

@@ -306,6 +306,28 @@ def _check_str(path: str, what: str, s: str) -> None:
         raise _fail(path, f"{what} {_short(s)} contains an invalid \\u escape (a lone surrogate)") from None
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: object) -> str | None:
+    """The first string (key or value, at any depth) holding a lone UTF-16 surrogate, else None.
+    serde_json rejects those anywhere in the header, even in fields nobody reads."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return x
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
+
+
 def _u64(v: object) -> bool:
     return type(v) is int  # bool is an int subclass: excluded on purpose; _BadNumber is not int
 
@@ -412,6 +434,7 @@ def _stream_entries(path: str, text: str) -> tuple[list[TensorEntry], dict[str, 
     entries: list[TensorEntry] = []
     metadata: dict[str, str] = {}
     seen: set[str] = set()
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     try:
         if i < end and text[i] == "}":
             i += 1
@@ -425,7 +448,7 @@ def _stream_entries(path: str, text: str) -> tuple[list[TensorEntry], dict[str, 
                     return None
                 i = _WS.match(text, i + 1).end()
                 info, i = _DECODER.raw_decode(text, i)
-                if name in seen:
+                if name in seen or (surrogates and _lone_surrogate([name, info]) is not None):
                     return None
                 seen.add(name)
                 if name == "__metadata__":
@@ -615,6 +638,9 @@ def _read_header_from(f, path: str, size: int, max_header_bytes: int) -> Safeten
             raise _fail(path, what) from None
         raise
     entries, metadata = _parse_entries(path, obj)
+    bad = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(raw.decode("utf-8")) else None
+    if bad is not None:
+        raise _fail(path, f"header string {_short(bad)} contains an invalid \\u escape (a lone surrogate)")
     entries = _validate_layout(path, entries, size - 8 - n)
     return SafetensorsHeader(
         path=path,
