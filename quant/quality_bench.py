@@ -3,6 +3,8 @@
     python -m quant.quality_bench                 # Z-Image, Wan 2.2 5B, Wan 14B at full size (CPU, minutes)
     python -m quant.quality_bench --quick         # tiny shapes, seconds (what the tests run)
     python -m quant.quality_bench --md q.md --json q.json
+    python -m quant.quality_bench --ablation      # model level: which layer family moves the output
+    python -m quant.quality_bench --overhead      # what the load report's per-layer SQNR costs
 
 For one representative Linear of each layer family of each model (DESIGN.md §3 shapes, at FULL
 size), it draws random weights and activations, one layer at a time (nothing else is held), and
