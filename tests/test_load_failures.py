@@ -327,3 +327,22 @@ def test_checkpoint_is_not_held_open_after_the_load(pack, loader, wan_file):
     gc.collect()
     assert open_on_target() == []
     assert torch.isfinite(hm.run_diffusion_model(mp, hm.wan_inputs())).all()
+
+
+def test_memory_bench_checkpoint_is_a_valid_wan22_5b_file(comfyui_path, tmp_path):
+    """quant/bench/memory.py's synthetic file: ComfyUI's Wan 2.2 5B names/shapes, valid, detected."""
+    from quant.bench import memory
+    from quant.families import detect_family
+    from quant.safetensors_header import read_header
+
+    shapes = memory.wan5b_shapes(1)
+    p = tmp_path / "wan5b_1block.safetensors"
+    size = memory.write_checkpoint(p, shapes)
+    h = read_header(p)
+    assert h.file_size == size and set(h.tensors) == set(shapes)
+    assert all(h.tensors[k].shape == s for k, (s, _) in shapes.items())
+    assert {e.dtype for e in h.tensors.values()} == {"BF16"}
+    assert detect_family(list(h.shapes()), h.shapes()) == "wan22_5b"
+    assert h.tensors["blocks.0.ffn.0.weight"].shape == (14336, 3072)
+    st = memory._status_kib()
+    assert not os.path.exists("/proc/self/status") or st.get("VmRSS", 0) > 0
