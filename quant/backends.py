@@ -78,7 +78,12 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+# Choices per (format, device, compute, forced backend); the device is the torch.device object
+# itself (hashable, what x.device gives), so a cache hit builds no string and no dataclass.
 _CHOICE_CACHE: dict[tuple, BackendChoice] = {}
+# The same key -> (the chosen backend's run function, compute mode): what each call needs, so a
+# Linear's call costs one dict lookup (small GEMMs are host-bound: .dev/notes/D.md, A2.md).
+_RUN_CACHE: dict[tuple, tuple[Callable, str]] = {}
 _DEVICE_CACHE: dict[str, DeviceInfo] = {}
 # Modules that register backends when imported; imported lazily, once (missing ones are fine).
 PLUGIN_MODULES = (".kernels", ".amd")
@@ -92,12 +97,12 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if old is not None and old != backend and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
     _BACKENDS[backend.name] = backend
-    _CHOICE_CACHE.clear()
+    _forget_choices()
 
 
 def unregister_backend(name: str) -> None:
     _BACKENDS.pop(name, None)
-    _CHOICE_CACHE.clear()
+    _forget_choices()
 
 
 def registered_backends() -> list[Backend]:
@@ -116,8 +121,13 @@ def get_backend(name: str) -> Backend:
 
 def clear_cache() -> None:
     """Forget cached device queries and choices (tests monkeypatching capabilities call this)."""
-    _CHOICE_CACHE.clear()
+    _forget_choices()
     _DEVICE_CACHE.clear()
+
+
+def _forget_choices() -> None:
+    _CHOICE_CACHE.clear()
+    _RUN_CACHE.clear()
 
 
 def _load_plugins() -> None:
@@ -185,13 +195,35 @@ def choose_backend(
     format: str, device: torch.device | str, compute: str = "auto", backend: str | None = None
 ) -> BackendChoice:
     """Pick the backend (and compute mode) for a weight format on a device. Cached per device."""
-    key = (format, str(torch.device(device)), compute, backend or "")
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    key = (format, dev, compute, backend or "")
     hit = _CHOICE_CACHE.get(key)
     if hit is not None:
         return hit
+    return _remember(key)[0]
+
+
+def _remember(key: tuple) -> tuple[BackendChoice, tuple[Callable, str]]:
+    format, device, compute, backend = key
     choice = _choose(get_format(format), device_info(device), compute, backend or None)
+    run = (_BACKENDS[choice.name].run, choice.compute)
     _CHOICE_CACHE[key] = choice
-    return choice
+    _RUN_CACHE[key] = run
+    return choice, run
+
+
+def resolve_run(
+    format: str, device: torch.device, compute: str = "auto", backend: str | None = None
+) -> tuple[Callable, str]:
+    """(run, compute mode) of the backend `choose_backend` picks: the per-call fast path of
+    quantized_linear and of the ops. `device` must be a torch.device (e.g. x.device); the first
+    call per (format, device, compute, backend) chooses (and raises what choose_backend raises),
+    later calls are one dict lookup."""
+    key = (format, device, compute, backend or "")
+    hit = _RUN_CACHE.get(key)
+    if hit is not None:
+        return hit
+    return _remember(key)[1]
 
 
 def _choose(fmt: WeightFormat, info: DeviceInfo, compute: str, forced: str | None) -> BackendChoice:
@@ -250,8 +282,8 @@ def run_linear(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Run a quantized linear with the chosen backend (what the torch.library ops call)."""
-    choice = choose_backend(qw.format, x.device, compute, backend)
-    return _BACKENDS[choice.name].run(x, qw, bias, choice.compute)
+    run, mode = resolve_run(qw.format, x.device, compute, backend)
+    return run(x, qw, bias, mode)
 
 
 def preferred_fp8_format(device: torch.device | str) -> str:
@@ -419,6 +451,7 @@ __all__ = [
     "preferred_fp8_format",
     "register_backend",
     "registered_backends",
+    "resolve_run",
     "run_linear",
     "scaled_mm_args",
     "scaled_mm_check",

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8, mxfp4
+from .backends import resolve_run
 from .formats import QuantizedWeight, get_format
 
 # Weight rows dequantized at a time: about 4 Mi elements (16 MiB in fp32), so a 13824x5120 layer
@@ -97,9 +98,19 @@ def quantized_linear(
     onlinequant::mxfp4_linear), whose implementation asks quant/backends.py for the backend, so
     torch.compile(fullgraph=True) sees one opaque op. `backend` forces a registered backend by
     name (BackendUnavailableError naming the package when it cannot run here).
+
+    In eager mode with no gradient to record (ComfyUI samples under inference_mode), the op's
+    implementation is called directly: same backend, same result, without the dispatcher's
+    host cost (.dev/notes/A2.md). The backend is resolved once per (format, device, compute).
     """
     from . import ops  # registers the ops on first use; no import-time cost for plain users
 
+    if ops.eager_ok(x, bias, qw.scale):
+        run, mode = resolve_run(qw.format, x.device, compute, backend)  # validates on first use
+        if x.shape[-1] != qw.shape[1]:
+            name = get_format(qw.format).name
+            raise ValueError(f"input has {x.shape[-1]} features, the {name} weight expects {qw.shape[1]}")
+        return run(x, qw, bias, mode)
     fmt = get_format(qw.format)
     if compute != "auto" and compute not in fmt.computes:
         raise ValueError(f"compute mode {compute!r} is not one of {('auto', *fmt.computes)} for {fmt.name}")

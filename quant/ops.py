@@ -12,14 +12,28 @@ N = qdata.shape[0]. `backend` "" means "let backends.py choose".
 This package can be imported twice in one process (as `quant` and as `<pack>.quant`, CONTRACT
 rule 9): each op is defined only if `torch.ops.onlinequant` does not have it yet; otherwise the
 existing op is reused (it dispatches through the backend registry of the first import).
+
+Host cost: the ops are defined with `torch.library.Library` (define + one
+CompositeExplicitAutograd kernel + register_fake / register_autograd) rather than
+`torch.library.custom_op`, whose per-call wrapper (dynamo-disable frame, output aliasing check)
+doubled the op's host time under inference_mode; the kernel body is one cached backend lookup.
+In eager mode without autograd, quant.linear.quantized_linear skips the op boundary altogether
+(see `eager_ok`); torch.compile, tracing, dispatch modes and autograd always go through the op.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .backends import resolve_run
+from .formats import QuantizedWeight
+
 NAMESPACE = "onlinequant"
 _KIND_TO_OP = {"fp8": "fp8_linear", "mxfp4": "mxfp4_linear"}
+_SCHEMA = (
+    "(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, str format, str compute, str backend) -> Tensor"
+)
+_LIB: torch.library.Library | None = None  # kept alive for the process: dropping it unregisters the ops
 
 
 def _op_exists(name: str) -> bool:
@@ -31,11 +45,25 @@ def _op_exists(name: str) -> bool:
 
 
 def _impl(x, qdata, scale, bias, format, compute, backend):
-    from .backends import run_linear
-    from .formats import QuantizedWeight
+    run, mode = resolve_run(format, x.device, compute, backend)
+    return run(x, QuantizedWeight(format, qdata, scale, (qdata.shape[0], x.shape[-1])), bias, mode)
 
-    qw = QuantizedWeight(format, qdata, scale, (qdata.shape[0], x.shape[-1]))
-    return run_linear(x, qw, bias, compute, backend or None)
+
+def eager_ok(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> bool:
+    """True when calling the op's implementation directly gives exactly what the op gives: eager
+    (not compiling, exporting or JIT-tracing), a plain tensor input, no dispatch mode (fake
+    tensors, make_fx, FlopCounter must see the op) and no gradient to record. Cheap: it runs on
+    every Linear call."""
+    if torch.compiler.is_compiling():
+        return False
+    # the C++ mode stack counts user modes and infra modes (FakeTensorMode, ProxyTorchDispatchMode)
+    if type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._get_tracing_state() is not None:
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 def _fake(x, qdata, scale, bias, format, compute, backend):
@@ -66,23 +94,16 @@ def _backward(ctx, grad):
 
 
 def _define(name: str) -> None:
+    global _LIB
     if _op_exists(name):
         return
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(_typed_impl)
-    op.register_fake(_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _typed_impl(
-    x: torch.Tensor,
-    qdata: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    format: str,
-    compute: str,
-    backend: str,
-) -> torch.Tensor:
-    return _impl(x, qdata, scale, bias, format, compute, backend)
+    if _LIB is None:
+        _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+    _LIB.define(name + _SCHEMA)
+    _LIB.impl(name, _impl, "CompositeExplicitAutograd")
+    qualname = f"{NAMESPACE}::{name}"
+    torch.library.register_fake(qualname, _fake, lib=_LIB)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context, lib=_LIB)
 
 
 for _name in _KIND_TO_OP.values():
@@ -97,4 +118,4 @@ def linear_op(kind: str):
         raise ValueError(f"no onlinequant op for format kind {kind!r}") from None
 
 
-__all__ = ["NAMESPACE", "linear_op"]
+__all__ = ["NAMESPACE", "eager_ok", "linear_op"]

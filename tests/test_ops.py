@@ -293,3 +293,95 @@ def test_backward_to_input_and_bias(fmt, compute):
     torch.nn.functional.linear(x2, w, b2).backward(g)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(b.grad, b2.grad)
+
+
+# --- per-call host cost: the choice is made once, the eager path skips nothing it needs ---------
+
+
+def test_backend_chosen_once_per_format_device_compute(builtin_only, monkeypatch):
+    """Repeated Linear calls reuse the cached choice: the selection function runs once per
+    (format, device, compute), whether the call goes through the op or the eager shortcut."""
+    chosen = []
+    real = backends._choose
+
+    def counting(fmt, info, compute, forced):
+        chosen.append((fmt.name, info.type, compute))
+        return real(fmt, info, compute, forced)
+
+    monkeypatch.setattr(backends, "_choose", counting)
+    fp8w = get_format("fp8").quantize(torch.randn(16, 64))
+    mxw = get_format("mxfp4").quantize(torch.randn(16, 64))
+    x = torch.randn(3, 64)
+    for _ in range(5):
+        with torch.inference_mode():
+            quantized_linear(x, fp8w)
+            quantized_linear(x, fp8w, compute="w8a8")
+            quantized_linear(x, mxw)
+        quantized_linear(x, fp8w)  # grad mode, nothing needs a gradient: eager shortcut
+        quantized_linear(x.requires_grad_(), fp8w).sum().backward()  # autograd: through the op
+        x = x.detach()
+        torch.ops.onlinequant.mxfp4_linear(x, mxw.qdata, mxw.scale, None, "mxfp4", "auto", "")
+        choose_backend("fp8_e4m3fn", "cpu")
+        choose_backend("fp8_e4m3fn", torch.device("cpu"))
+    assert sorted(chosen) == [
+        ("fp8_e4m3fn", "cpu", "auto"),
+        ("fp8_e4m3fn", "cpu", "w8a8"),
+        ("mxfp4", "cpu", "auto"),
+    ]
+    backends.clear_cache()  # a new registration or a cleared cache chooses again
+    quantized_linear(x, fp8w)
+    assert len(chosen) == 4
+
+
+def test_device_queried_once_per_device(builtin_only, monkeypatch):
+    queries = []
+
+    def capability(index):
+        queries.append(index)
+        return (9, 0)
+
+    monkeypatch.setattr(backends, "_is_rocm", lambda: False)
+    monkeypatch.setattr(backends, "_cuda_capability", capability)
+    backends.clear_cache()
+    for _ in range(4):
+        for fmt in ("fp8_e4m3fn", "mxfp4"):
+            assert backends.resolve_run(fmt, torch.device("cuda", 0))[1] in ("w8a8", "w4a16")
+    assert queries == [0]
+
+
+def test_eager_shortcut_only_where_the_op_is_not_needed():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    qw = get_format("fp8").quantize(torch.randn(16, 64))
+    x = torch.randn(3, 64)
+    assert ops.eager_ok(x, None, qw.scale)
+    with torch.inference_mode():
+        assert ops.eager_ok(x.requires_grad_(False), None, qw.scale)
+    assert not ops.eager_ok(x.clone().requires_grad_(), None, qw.scale)
+    with torch.no_grad():
+        assert ops.eager_ok(x.clone().requires_grad_(), None, qw.scale)
+    assert not ops.eager_ok(x, torch.zeros(16, requires_grad=True), qw.scale)
+    with FlopCounterMode(display=False):
+        assert not ops.eager_ok(x, None, qw.scale)
+    with FakeTensorMode() as mode:
+        assert not ops.eager_ok(mode.from_tensor(x), None, qw.scale)
+    # tracing sees the op, not its implementation's PyTorch ops
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = make_fx(lambda t: quantized_linear(t, qw), tracing_mode="real")(x)
+    assert torch.ops.onlinequant.fp8_linear.default in [n.target for n in g.graph.nodes]
+
+
+@pytest.mark.parametrize(
+    "fmt,compute", [("fp8", "w8a8"), ("fp8", "w8a16"), ("fp8_e4m3fn_tensor", "auto"), ("mxfp4", "w4a4"),
+                    ("mxfp4", "w4a8"), ("mxfp4", "auto")]
+)
+def test_eager_shortcut_equals_op(fmt, compute):
+    qw = get_format(fmt).quantize(torch.randn(24, 64))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    bias = torch.randn(24, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        eager = quantized_linear(x, qw, bias, compute=compute)
+    op = ops.linear_op(get_format(fmt).kind)(x, qw.qdata, qw.scale, bias, qw.format, compute, "")
+    assert eager.dtype == op.dtype and torch.equal(eager, op)
