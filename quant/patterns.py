@@ -176,11 +176,11 @@ def parse_patterns(text: str | None) -> list[Pattern]:
     return patterns
 
 
-def _runs(segments: Sequence[str]) -> Iterable[str]:
-    """Every contiguous run of whole segments, joined with dots."""
+def _runs(segments: Sequence[str], max_len: int | None = None) -> Iterable[str]:
+    """Every contiguous run of whole segments (at most `max_len` of them), joined with dots."""
     n = len(segments)
     for i in range(n):
-        for j in range(i + 1, n + 1):
+        for j in range(i + 1, n + 1 if max_len is None else min(n, i + max_len) + 1):
             yield ".".join(segments[i:j])
 
 
@@ -208,6 +208,9 @@ class PatternSet:
                     self._scan.append(i)
             else:
                 self._scan.append(i)
+        # Runs longer than the longest plain pattern cannot match it. Without this bound a tensor
+        # name with thousands of dots (names come from untrusted files) took minutes: O(n^3).
+        self._plain_max = max((k.count(".") + 1 for k in self._plain), default=0)
         self._scan_any = None
         if len(self._scan) > 8 and all(self.patterns[i].regex.groups == 0 for i in self._scan):
             # One combined regex rejects most names in a single C-level search. Only without
@@ -226,7 +229,7 @@ class PatternSet:
         segments = name.split(".")
         hits: set[int] = set()
         if self._plain:
-            for run in _runs(segments):
+            for run in _runs(segments, self._plain_max):
                 idx = self._plain.get(run)
                 if idx:
                     hits.update(idx)
