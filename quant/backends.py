@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8
 from .errors import BackendUnavailableError
 from .formats import QuantizedWeight, WeightFormat, get_format
 
@@ -358,15 +359,14 @@ def scaled_mm_args(xq: torch.Tensor, x_scale: torch.Tensor, qw: QuantizedWeight)
     }
 
 
-_ROWWISE_UNSUPPORTED: set[str] = set()  # devices where row-wise _scaled_mm raised
+_ROWWISE_UNSUPPORTED: set[torch.device] = set()  # devices where row-wise _scaled_mm raised
 
 
 def _scaled_mm_run(x, qw, bias, compute):
-    from . import fp8
-    from .linear import reference_linear
-
     n, k = qw.shape
     if n % 16 or k % 16:  # cuBLASLt/hipBLASLt FP8 needs both multiples of 16
+        from .linear import reference_linear  # lazy: quant.linear imports this module
+
         return reference_linear(x, qw, bias, compute)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -376,7 +376,7 @@ def _scaled_mm_run(x, qw, bias, compute):
     xq, xs = fp8.quantize_activation(x2, qw.qdata.dtype)
     a = scaled_mm_args(xq, xs, qw)
     out = None
-    if str(x.device) not in _ROWWISE_UNSUPPORTED:
+    if x.device not in _ROWWISE_UNSUPPORTED:
         try:
             out = torch._scaled_mm(
                 a["mat1"], a["mat2"], scale_a=a["scale_a"], scale_b=a["scale_b"], out_dtype=a["out_dtype"]
@@ -386,7 +386,7 @@ def _scaled_mm_run(x, qw, bias, compute):
         except RuntimeError as e:
             # Row-wise scaling needs sm_90 CUTLASS kernels or cuBLASLt >= 12.9 (outer-vector
             # scales); builds without them raise. Fall back once per device, say so once.
-            _ROWWISE_UNSUPPORTED.add(str(x.device))
+            _ROWWISE_UNSUPPORTED.add(x.device)
             log.warning("torch._scaled_mm has no row-wise scaling here (%s); using unit-scale FP8 "
                         "GEMM with fp32 output and applying the scales after it", str(e).splitlines()[0])
     if out is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fp8, mxfp4
+from . import fp8, mxfp4, ops  # ops: defines the onlinequant torch.library ops (guarded)
 from .backends import resolve_run
 from .formats import QuantizedWeight, get_format
 
@@ -103,8 +103,6 @@ def quantized_linear(
     implementation is called directly: same backend, same result, without the dispatcher's
     host cost (.dev/notes/A2.md). The backend is resolved once per (format, device, compute).
     """
-    from . import ops  # registers the ops on first use; no import-time cost for plain users
-
     if ops.eager_ok(x, bias, qw.scale):
         run, mode = resolve_run(qw.format, x.device, compute, backend)  # validates on first use
         if x.shape[-1] != qw.shape[1]:
