@@ -62,6 +62,16 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
                     default="auto",
                     tooltip="dtype of activations and kept layers; auto = ComfyUI's choice for the device.",
                 ),
+                io.String.Input(
+                    "keep_sensitive",
+                    default="none",
+                    tooltip=(
+                        "Also keep in bf16 the planned layers with the worst measured weight error: "
+                        "'none', 'worst 5%', 'below 20 dB', 'max 12 GB' (the bytes the model may take); "
+                        "combine with commas. The chosen layers are listed in the report as lines you can "
+                        "paste into ignored_layers. Costs one extra read of the Linear weights."
+                    ),
+                ),
             ],
             outputs=[
                 io.Model.Output(tooltip="The quantized model, usable as any MODEL (LoRA, lowvram, compile)."),
@@ -70,8 +80,11 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype):
+    def execute(cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype,
+                keep_sensitive="none"):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        model, report = load_quantized(path, quantization, ignored_layers, min_out_features, compute_dtype)
+        model, report = load_quantized(
+            path, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive=keep_sensitive
+        )
         text = report.to_text()
         return io.NodeOutput(model, text, ui=ui.PreviewText(text))

@@ -212,9 +212,9 @@ def test_live_plan_preview(page, srv):
             return {values: n.serialize().widgets_values, inputs: Object.keys(p.output[String(n.id)].inputs)};
         }"""
     )
-    assert len(saved["values"]) == 5 and "x_embedder" in saved["values"][2]
+    assert len(saved["values"]) == 6 and "x_embedder" in saved["values"][2]
     assert sorted(saved["inputs"]) == sorted(
-        ["unet_name", "quantization", "ignored_layers", "min_out_features", "compute_dtype"]
+        ["unet_name", "quantization", "ignored_layers", "min_out_features", "compute_dtype", "keep_sensitive"]
     )
     assert not page.errors, page.errors
 

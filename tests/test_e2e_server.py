@@ -60,7 +60,10 @@ def test_object_info_lists_nodes_and_inputs(server):
     assert loader["display_name"] == "Load Diffusion Model (Online Quant)"
     assert loader["category"] == "OnlineQuant"
     req = loader["input"]["required"]
-    assert set(req) == {"unet_name", "quantization", "ignored_layers", "min_out_features", "compute_dtype"}
+    assert set(req) == {
+        "unet_name", "quantization", "ignored_layers", "min_out_features", "compute_dtype", "keep_sensitive"
+    }
+    assert req["keep_sensitive"][1]["default"] == "none"
     assert (
         "wan_tiny.safetensors" in req["unet_name"][1]["options"]
         or "wan_tiny.safetensors" in req["unet_name"][0]
@@ -86,6 +89,7 @@ def _workflow(fmt: str, backend: str, prefix: str) -> dict:
                 "ignored_layers": "# auto\n",
                 "min_out_features": 256,
                 "compute_dtype": "auto",
+                "keep_sensitive": "none",
             },
         },
         "2": {"class_type": "OnlineQuantAttention", "inputs": {"model": ["1", 0], "backend": backend}},

@@ -90,7 +90,7 @@ def loader(g: Graph, pos, unet: str, repo: str, fmt: str, title=None) -> dict:
     return g.node(
         "OnlineQuantDiffusionLoader",
         pos,
-        [unet, fmt, AUTO_IGNORE, 256, "auto"],
+        [unet, fmt, AUTO_IGNORE, 256, "auto", "none"],
         outputs=[("MODEL", "MODEL"), ("report", "STRING")],
         size=(400, 380),
         title=title,
