@@ -371,6 +371,17 @@ def test_eager_shortcut_only_where_the_op_is_not_needed():
 
     g = make_fx(lambda t: quantized_linear(t, qw), tracing_mode="real")(x)
     assert torch.ops.onlinequant.fp8_linear.default in [n.target for n in g.graph.nodes]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(lambda t: quantized_linear(t, qw), backend=capture, fullgraph=True)(x)
+    targets = [n.target for n in graphs[0].graph.nodes]
+    assert any("onlinequant.fp8_linear" in str(t) for t in targets), targets
 
 
 @pytest.mark.parametrize(
