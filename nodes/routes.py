@@ -1,5 +1,7 @@
-"""Server route for the web preview: `GET /onlinequant/plan` (also `/api/onlinequant/plan`), and
-the same as `POST` with a JSON object (ignore texts can be longer than a URL may be).
+"""Server route for the web preview: `GET /onlinequant/plan` (also `/api/onlinequant/plan`).
+
+GET only (issue 6): the preview reads and changes nothing but a small in-memory cache. Ignore texts
+too long for a URL are not previewed (the web extension says so; the loader reads them whole).
 
 It answers "what would the loader do with this file?" from the safetensors header alone: the
 same `build_plan` the loader calls (one source of truth), never the weights. The model must be
@@ -191,33 +193,10 @@ def _compute(path: str, name: str, fmt: str, ignore: str | None, min_out: int) -
     return _plan_json(info, name, fmt, ignore, min_out)
 
 
-async def _params(request: web.Request) -> dict:
-    """Query of a GET, or the JSON object of a POST (for ignore texts longer than a URL allows)."""
-    if request.method != "POST":
-        return request.query
-    if request.content_length is not None and request.content_length > MAX_IGNORE_CHARS * 4 + 4096:
-        raise RouteError(413, f"request body is {request.content_length} bytes; too large for a plan preview")
-    try:
-        data = await request.json()
-    except ValueError:
-        raise RouteError(400, "POST body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise RouteError(400, "POST body must be a JSON object")
-    out = {}
-    for k in ("model", "format", "ignore", "min_out"):
-        v = data.get(k)
-        if v is None:
-            continue
-        if not isinstance(v, (str, int)) or isinstance(v, bool):
-            raise RouteError(400, f"{k} must be a string or a number")
-        out[k] = str(v)
-    return out
-
-
 async def plan_handler(request: web.Request) -> web.Response:
-    """`GET|POST /onlinequant/plan`: the plan preview as JSON, or `{"error": ...}` with a 4xx."""
+    """`GET /onlinequant/plan`: the plan preview as JSON, or `{"error": ...}` with a 4xx."""
     try:
-        name, fmt, ignore, min_out = _parse_query(await _params(request))
+        name, fmt, ignore, min_out = _parse_query(request.query)
         path = _model_path(name)
         loop = asyncio.get_running_loop()
         sem, waiting = _limits.setdefault(id(loop), (asyncio.Semaphore(MAX_CONCURRENT), [0]))
@@ -244,7 +223,6 @@ def register_routes(routes: web.RouteTableDef) -> bool:
         if getattr(r, "path", None) == ROUTE:
             return False
     routes.get(ROUTE)(plan_handler)
-    routes.post(ROUTE)(plan_handler)
     return True
 
 

@@ -1,5 +1,5 @@
 // Live plan preview on the OnlineQuant loader node: as the user picks the model file or the
-// format, or edits ignored_layers / min_out_features, ask POST /onlinequant/plan (header only,
+// format, or edits ignored_layers / min_out_features, ask GET /onlinequant/plan (header only,
 // same selection code as the loader) and show what would be quantized, kept (by reason), the
 // weight bytes before -> after, warnings and pattern errors, and an expandable per-layer list.
 import { app } from "../../scripts/app.js";
@@ -15,6 +15,9 @@ const SOURCE_LABEL = {
   format: "shape unsupported by the format",
   none: "not quantized (quantization: none)",
 };
+
+// aiohttp refuses request lines over 8190 bytes; keep a margin for the /api prefix and headers.
+const MAX_URL_CHARS = 7000;
 
 function currentParams(node) {
   const get = (n) => findWidget(node, n)?.value;
@@ -111,13 +114,17 @@ async function refresh(node, state) {
   const seq = ++state.seq;
   let data;
   try {
-    // POST: an ignore text can be longer than a URL may be
-    const res = await api.fetchApi("/onlinequant/plan", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(params),
-      signal: ctl.signal,
-    });
+    // GET only (the route has no side effects); a URL has a length limit, so an ignore text too long
+    // for one is not previewed (the loader still reads it whole).
+    const url = `/onlinequant/plan?${new URLSearchParams(params)}`;
+    if (url.length > MAX_URL_CHARS) {
+      state.inflight = null;
+      const error = `ignored_layers is too long to preview here (${params.ignore.length} characters); the loader still uses all of it`;
+      if (state.disposed || seq !== state.seq) return;
+      state.last = { error };
+      return render(node, state, state.last);
+    }
+    const res = await api.fetchApi(url, { signal: ctl.signal });
     try {
       data = await res.json();
     } catch {
