@@ -308,7 +308,10 @@ def _measure(path: str, header, plan: QuantPlan, device_name: str) -> dict[str, 
 
 def _weight_sqnr_rows(fmt, w: torch.Tensor, qw, rows_elems: int = 1 << 22) -> float:
     """Weight SQNR (dB) accumulated over row chunks: no full fp32 copy of the layer is made.
-    Same definition and inf conventions as quant.quality.sqnr_db (which it matches, tested)."""
+    Same definition as quant.quality.sqnr_db (which it matches, tested); the inf conventions are
+    quant.quality.sqnr_from_sums itself."""
+    from .quality import sqnr_from_sums
+
     n, k = w.shape
     step = max(1, rows_elems // max(k, 1))
     signal = noise = 0.0
@@ -318,11 +321,7 @@ def _weight_sqnr_rows(fmt, w: torch.Tensor, qw, rows_elems: int = 1 << 22) -> fl
         deq = fmt.dequantize_rows(qw, start, stop, torch.float32)
         signal += float(torch.sum(ref * ref))
         noise += float(torch.sum((ref - deq) ** 2))
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return sqnr_from_sums(signal, noise)
 
 
 def _quantized(plan: QuantPlan, key: str) -> bool:

@@ -45,7 +45,9 @@ def _signal_and_noise(ref: Tensor, test: Tensor) -> tuple[float, float]:
     return signal, noise
 
 
-def _sqnr_from(signal: float, noise: float) -> float:
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """SQNR (dB) from the sums Σref² and Σ(ref−test)²: the one place for the inf/-inf/NaN
+    conventions (also used by the CLI's row-chunked weight SQNR)."""
     if math.isnan(signal) or math.isnan(noise):
         return math.nan
     if noise == 0.0:
@@ -61,7 +63,7 @@ def sqnr_db(ref: Tensor, test: Tensor) -> float:
     `inf` when `test` equals `ref`; `-inf` when `ref` is all zeros and `test` is not. Any dtype
     (bf16, fp16, fp8 upcast by the caller, fp32); accumulation is fp32 per chunk.
     """
-    return _sqnr_from(*_signal_and_noise(ref, test))
+    return sqnr_from_sums(*_signal_and_noise(ref, test))
 
 
 def weight_sqnr_db(w: Tensor, dequantized: Tensor) -> float:
