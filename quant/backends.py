@@ -282,8 +282,12 @@ def run_linear(
     compute: str = "auto",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Run a quantized linear with the chosen backend (what the torch.library ops call)."""
-    run, mode = resolve_run(qw.format, x.device, compute, backend)
+    """Run a quantized linear with the chosen backend: quantized_linear's eager path, without the
+    torch.library op (whose implementation, quant/ops.py `_impl`, resolves the same way)."""
+    run, mode = resolve_run(qw.format, x.device, compute, backend)  # validates on first use
+    if x.shape[-1] != qw.shape[1]:
+        name = get_format(qw.format).name
+        raise ValueError(f"input has {x.shape[-1]} features, the {name} weight expects {qw.shape[1]}")
     return run(x, qw, bias, mode)
 
 

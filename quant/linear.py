@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8, mxfp4, ops  # ops: defines the onlinequant torch.library ops (guarded)
-from .backends import resolve_run
+from .backends import run_linear
 from .formats import QuantizedWeight, get_format
 
 # Weight rows dequantized at a time: about 4 Mi elements (16 MiB in fp32), so a 13824x5120 layer
@@ -104,11 +104,7 @@ def quantized_linear(
     host cost (.dev/notes/A2.md). The backend is resolved once per (format, device, compute).
     """
     if ops.eager_ok(x, bias, qw.scale):
-        run, mode = resolve_run(qw.format, x.device, compute, backend)  # validates on first use
-        if x.shape[-1] != qw.shape[1]:
-            name = get_format(qw.format).name
-            raise ValueError(f"input has {x.shape[-1]} features, the {name} weight expects {qw.shape[1]}")
-        return run(x, qw, bias, mode)
+        return run_linear(x, qw, bias, compute, backend)
     fmt = get_format(qw.format)
     if compute != "auto" and compute not in fmt.computes:
         raise ValueError(f"compute mode {compute!r} is not one of {('auto', *fmt.computes)} for {fmt.name}")
