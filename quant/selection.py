@@ -306,10 +306,8 @@ def build_plan(
             how = f" as {via[hits[0]]!r}" if hits[0] in via else ""
             why = f": {p.comment}" if p.comment else ""
             decisions.append(
-                LayerDecision(
-                    li.name,
-                    li.out_features,
-                    li.in_features,
+                _decide(
+                    li,
                     False,
                     f"ignored by pattern {p.where()}{how}{fused_note}{why}",
                     "default" if from_defaults or p.text in default_patterns else "pattern",
@@ -320,27 +318,16 @@ def build_plan(
             continue
         if li.out_features < min_out_features:
             decisions.append(
-                LayerDecision(
-                    li.name,
-                    li.out_features,
-                    li.in_features,
-                    False,
-                    f"out_features {li.out_features} < min_out_features {min_out_features}",
-                    "size",
+                _decide(
+                    li, False, f"out_features {li.out_features} < min_out_features {min_out_features}", "size"
                 )
             )
             continue
         bad = fmt.unsupported_reason(li.out_features, li.in_features)
         if bad:
-            decisions.append(
-                LayerDecision(li.name, li.out_features, li.in_features, False, f"{fmt.name}: {bad}", "format")
-            )
+            decisions.append(_decide(li, False, f"{fmt.name}: {bad}", "format"))
             continue
-        decisions.append(
-            LayerDecision(
-                li.name, li.out_features, li.in_features, True, f"quantized to {fmt.name}", "eligible"
-            )
-        )
+        decisions.append(_decide(li, True, f"quantized to {fmt.name}", "eligible"))
 
     warnings = [f"pattern {p.where()} matched no layer" for i, p in enumerate(patterns) if i not in used]
     return QuantPlan(
@@ -352,6 +339,18 @@ def build_plan(
         ignore_text=text,
         packed_nbytes=fmt.packed_nbytes,
     )
+
+
+def _decide(
+    li: LinearInfo,
+    quantize: bool,
+    reason: str,
+    source: str,
+    pattern: str | None = None,
+    line: int | None = None,
+) -> LayerDecision:
+    """The decision for one Linear: its name and shape from `li`, the rest as decided."""
+    return LayerDecision(li.name, li.out_features, li.in_features, quantize, reason, source, pattern, line)
 
 
 def _check_fused(name, prefix, fl: FusedLayer, part_hits, patterns) -> tuple[list[int], str]:
