@@ -157,15 +157,19 @@ def _op_impl(
     k_per_token: bool,
 ) -> torch.Tensor:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    B, H, LQ, D = q.shape
-    kw = dict(qk_int8=qk_int8, v_fp8=v_fp8, smooth_k=smooth_k, k_per_token=k_per_token)
-    if out_blhd:  # [B,L,H,D] memory written through a permuted view: Wan's layout, no copy
-        out = torch.empty(B, LQ, H, D, device=q.device, dtype=q.dtype)
-        _k.fp8_attention_triton(q, k, v, out.permute(0, 2, 1, 3), **kw)
-    else:
-        out = torch.empty(B, H, LQ, D, device=q.device, dtype=q.dtype)
-        _k.fp8_attention_triton(q, k, v, out, **kw)
+    out = torch.empty(_out_shape(q, out_blhd), device=q.device, dtype=q.dtype)
+    # [B,L,H,D] memory is written through a permuted view: Wan's layout, no copy
+    kernel_out = out.permute(0, 2, 1, 3) if out_blhd else out
+    _k.fp8_attention_triton(
+        q, k, v, kernel_out, qk_int8=qk_int8, v_fp8=v_fp8, smooth_k=smooth_k, k_per_token=k_per_token
+    )
     return out
+
+
+def _out_shape(q: torch.Tensor, out_blhd: bool) -> tuple[int, int, int, int]:
+    """The op's output shape, one source for the kernel path and the fake: [B,L,H,D] or [B,H,L,D]."""
+    B, H, LQ, D = q.shape
+    return (B, LQ, H, D) if out_blhd else (B, H, LQ, D)
 
 
 def _op_fake(
@@ -178,9 +182,7 @@ def _op_fake(
     smooth_k: bool,
     k_per_token: bool,
 ) -> torch.Tensor:
-    B, H, LQ, D = q.shape
-    shape = (B, LQ, H, D) if out_blhd else (B, H, LQ, D)
-    return q.new_empty(shape)
+    return q.new_empty(_out_shape(q, out_blhd))
 
 
 def _register_op():
