@@ -12,6 +12,8 @@ import functools
 import importlib.util
 import os
 
+import torch
+
 
 @functools.cache
 def triton_available() -> bool:
@@ -34,6 +36,28 @@ def can_run_triton(device) -> bool:
     if dev_type == "cuda":
         return True
     return dev_type == "cpu" and interpreting()
+
+
+# --- small helpers the kernel wrappers share (plain PyTorch; nothing here needs Triton) ---------
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """ceil(a / b): the number of programs along one grid axis."""
+    return (a + b - 1) // b
+
+
+def flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as a 2-D [M, K] matrix with unit stride along K (what the kernels index)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def finish_linear(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """fp32 GEMM result y [M, N] -> + bias (fp32), cast to out_dtype, reshaped to x's [..., N]:
+    the common tail of the `*_reference` linears (and of their emulated fallbacks)."""
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _register_backends() -> None:

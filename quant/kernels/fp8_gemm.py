@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from . import can_run_triton, interpreting
+from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
 from .fp8_quant import EPS, fp8_max, quantize_fp8_per_token, quantize_fp8_per_token_reference
 
 ACT_GROUP = 128  # activation scale granularity of the fused kernel (1 x 128, DeepGEMM's choice)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -47,12 +42,15 @@ def fp8_linear_rowwise_reference(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    out_dtype = out_dtype or x.dtype
-    q, s = quantize_fp8_per_token_reference(_flat(x), w_q.dtype)
-    y = (q.float() @ w_q.float().t()) * s * _w_scale_row(w_scale, w_q.shape[0])
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype).reshape(*x.shape[:-1], w_q.shape[0])
+    q, s = quantize_fp8_per_token_reference(flat_rows(x), w_q.dtype)
+    return finish_linear(_rowwise_emulated(q, s, w_q, w_scale), x, bias, out_dtype or x.dtype)
+
+
+def _rowwise_emulated(
+    q: torch.Tensor, s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """The row-wise FP8 GEMM in fp32: (q . w_q) * x_scale * w_scale, fp32 [M, N]."""
+    return (q.float() @ w_q.float().t()) * s * _w_scale_row(w_scale, w_q.shape[0])
 
 
 def fp8_linear_rowwise(
@@ -68,14 +66,11 @@ def fp8_linear_rowwise(
     tensor cores accumulate without the periodic fp32 promotion (faster; default FAST_ACCUM)."""
     out_dtype = out_dtype or x.dtype
     n, k = w_q.shape
-    q, s = quantize_fp8_per_token(_flat(x), w_q.dtype)
+    q, s = quantize_fp8_per_token(flat_rows(x), w_q.dtype)
     if n % 16 or k % 16:
         # cuBLASLt FP8 needs K and N multiples of 16: same quantization, fp32 emulated GEMM
         # (rare: every Z-Image / Wan Linear that is quantized meets it).
-        y = (q.float() @ w_q.float().t()) * s * _w_scale_row(w_scale, n)
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(out_dtype).reshape(*x.shape[:-1], n)
+        return finish_linear(_rowwise_emulated(q, s, w_q, w_scale), x, bias, out_dtype)
     # Row-wise _scaled_mm writes bf16 only; other dtypes cost one cast of the output.
     mm_dtype = torch.bfloat16
     b = None if bias is None else bias.to(mm_dtype)
@@ -101,8 +96,7 @@ def fp8_linear_act_fused_reference(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    out_dtype = out_dtype or x.dtype
-    x2 = _flat(x).float()
+    x2 = flat_rows(x).float()
     m, k = x2.shape
     n = w_q.shape[0]
     pad = (-k) % ACT_GROUP
@@ -112,9 +106,7 @@ def fp8_linear_act_fused_reference(
     # sum over groups of (q_g . w_g) * s_g, the kernel's order of operations
     parts = torch.einsum("mgk,ngk->gmn", q.float(), wp)
     y = (parts * s.permute(1, 0, 2)).sum(0) * _w_scale_row(w_scale, n)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype).reshape(*x.shape[:-1], n)
+    return finish_linear(y, x, bias, out_dtype or x.dtype)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100 (see .dev/notes/D.md); BLOCK_K = 128.
@@ -134,7 +126,7 @@ def fp8_linear_act_fused(
         return fp8_linear_act_fused_reference(x, w_q, w_scale, bias, out_dtype)
     from ._tl_fp8_gemm import fp8_gemm_act_quant_kernel
 
-    x2 = _flat(x)
+    x2 = flat_rows(x)
     m, k = x2.shape
     n = w_q.shape[0]
     w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
@@ -170,10 +162,6 @@ def fp8_linear_act_fused(
         num_stages=stages,
     )
     return out.reshape(*x.shape[:-1], n)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 # ---------------------------------------------------------------- traceable: for torch.compile to fuse

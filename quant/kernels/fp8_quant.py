@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import can_run_triton, interpreting
+from . import can_run_triton, flat_rows, interpreting, triton_cdiv
 
 EPS = 1e-12  # amax floor: an all-zero row gets scale EPS/fp8_max and q = 0, never NaN (DESIGN §8)
 
@@ -49,9 +49,7 @@ def quantize_fp8_per_token(
         return quantize_fp8_per_token_reference(x, dtype)
     from ._tl_fp8_quant import fp8_per_token_quant_kernel
 
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_rows(x)
     m = x2.shape[0]
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -76,7 +74,3 @@ def quantize_fp8_per_token(
         num_warps=num_warps,
     )
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
