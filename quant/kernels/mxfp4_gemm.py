@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import can_run_triton, interpreting
+from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
 from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -27,17 +27,6 @@ def decode_mxfp4_reference(codes: torch.Tensor, scales: torch.Tensor) -> torch.T
     sf = torch.where(s == 0, torch.full_like(s, 0x00400000), s << 23).view(torch.float32)
     sf = torch.where(s == 255, torch.full_like(sf, float("nan")), sf)
     return (vals.view(*vals.shape[:-1], -1, 32) * sf[..., None]).reshape(vals.shape)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _finish(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Tensor:
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); tuned on H100 (.dev/notes/D.md)
@@ -91,10 +80,10 @@ def mxfp4_linear_w4a16_reference(
 ) -> torch.Tensor:
     _check(x, codes, scales)
     w = decode_mxfp4_reference(codes, scales)
-    a = _flat(x)
+    a = flat_rows(x)
     # the kernel feeds the tensor cores x's own 16-bit values and the decoded weights in x's dtype
     wd = w.to(a.dtype).float() if a.dtype in (torch.bfloat16, torch.float16) else w
-    return _finish(a.float() @ wd.t(), x, bias, out_dtype or x.dtype)
+    return finish_linear(a.float() @ wd.t(), x, bias, out_dtype or x.dtype)
 
 
 def mxfp4_linear_w4a16(
@@ -105,18 +94,29 @@ def mxfp4_linear_w4a16(
     out_dtype: torch.dtype | None = None,
     config: tuple | None = None,
 ) -> torch.Tensor:
+    return _w4a16(x, codes, scales, bias, out_dtype, config or W4A16_CONFIG, dot_scaled=False)
+
+
+def _w4a16(x, codes, scales, bias, out_dtype, config, dot_scaled: bool) -> torch.Tensor:
+    """The two W4A16 kernels (decode in registers / `tl.dot_scaled`) share their checks, their
+    reference fallback, their operands and their launch; only the kernel and one constexpr differ."""
     _check(x, codes, scales)
     out_dtype = out_dtype or x.dtype
     if not can_run_triton(x.device):
         return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
-    from ._tl_mxfp4_gemm import mxfp4_w4a16_kernel
+    from ._tl_mxfp4_gemm import mxfp4_w4a16_dot_scaled_kernel, mxfp4_w4a16_kernel
 
-    x2 = _flat(x)
+    x2 = flat_rows(x)
     if x2.dtype not in (torch.bfloat16, torch.float16):
         x2 = x2.to(torch.bfloat16)
     out = torch.empty((x2.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
-    grid, kw = _launch(None, x2, codes, scales, bias, out, config or W4A16_CONFIG, INTERPRET=interpreting())
-    mxfp4_w4a16_kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
+    if dot_scaled:
+        kernel = mxfp4_w4a16_dot_scaled_kernel
+        extra = dict(A_FORMAT="bf16" if x2.dtype == torch.bfloat16 else "fp16")
+    else:
+        kernel, extra = mxfp4_w4a16_kernel, dict(INTERPRET=interpreting())
+    grid, kw = _launch(None, x2, codes, scales, bias, out, config, **extra)
+    kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
     return out.reshape(*x.shape[:-1], codes.shape[0])
 
 
@@ -132,20 +132,7 @@ def mxfp4_linear_w4a16_dot_scaled(
     out_dtype: torch.dtype | None = None,
     config: tuple | None = None,
 ) -> torch.Tensor:
-    _check(x, codes, scales)
-    out_dtype = out_dtype or x.dtype
-    if not can_run_triton(x.device):
-        return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
-    from ._tl_mxfp4_gemm import mxfp4_w4a16_dot_scaled_kernel
-
-    x2 = _flat(x)
-    if x2.dtype not in (torch.bfloat16, torch.float16):
-        x2 = x2.to(torch.bfloat16)
-    out = torch.empty((x2.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
-    fmt = "bf16" if x2.dtype == torch.bfloat16 else "fp16"
-    grid, kw = _launch(None, x2, codes, scales, bias, out, config or DOT_SCALED_CONFIG, A_FORMAT=fmt)
-    mxfp4_w4a16_dot_scaled_kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
-    return out.reshape(*x.shape[:-1], codes.shape[0])
+    return _w4a16(x, codes, scales, bias, out_dtype, config or DOT_SCALED_CONFIG, dot_scaled=True)
 
 
 # ---------------------------------------------------------------- W4A8 (FP8 tensor cores)
@@ -162,13 +149,10 @@ def mxfp4_linear_w4a8_reference(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     _check(x, codes, scales)
-    smax = row_scale_max(scales).to(torch.int32)
-    rel = (scales.to(torch.int32) - smax[:, None] + 127).clamp_min(0).to(torch.uint8)
-    w8 = decode_mxfp4_reference(codes, rel).to(torch.float8_e4m3fn).float()
-    base = (smax << 23).view(torch.float32)  # s_max >= 1 for any weight with a nonzero block
-    q, s = quantize_fp8_per_token_reference(_flat(x), torch.float8_e4m3fn)
-    y = (q.float() @ w8.t()) * s * base[None, :]
-    return _finish(y, x, bias, out_dtype or x.dtype)
+    w8, base = mxfp4_to_fp8_reference(codes, scales)  # base [N, 1]: s_max >= 1 for a nonzero block
+    q, s = quantize_fp8_per_token_reference(flat_rows(x), torch.float8_e4m3fn)
+    y = (q.float() @ w8.float().t()) * s * base.reshape(1, -1)
+    return finish_linear(y, x, bias, out_dtype or x.dtype)
 
 
 def mxfp4_linear_w4a8(
@@ -187,16 +171,12 @@ def mxfp4_linear_w4a8(
         return mxfp4_linear_w4a8_reference(x, codes, scales, bias, out_dtype)
     from ._tl_mxfp4_gemm import mxfp4_w4a8_kernel
 
-    q, s = quantize_fp8_per_token(_flat(x), torch.float8_e4m3fn)
+    q, s = quantize_fp8_per_token(flat_rows(x), torch.float8_e4m3fn)
     smax = row_smax if row_smax is not None else row_scale_max(scales)
     out = torch.empty((q.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
     grid, kw = _launch(None, q, codes, scales, bias, out, config or W4A8_CONFIG, EMULATE_CVT=interpreting())
     mxfp4_w4a8_kernel[grid](q, s, codes, scales, smax, bias if bias is not None else out, out, **kw)
     return out.reshape(*x.shape[:-1], codes.shape[0])
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 # ---------------------------------------------------------------- dequantize to a workspace + cuBLAS
