@@ -526,15 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if a.ablation:
         res = ablation(quick=a.quick, seed=a.seed, progress=lambda s: print(s, file=sys.stderr, flush=True))
-        md = ablation_markdown(res)
-        if a.md:
-            with open(a.md, "w") as f:
-                f.write(md)
-        else:
-            print(md)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(_json_safe(res), f, indent=1)
+        _write_outputs(ablation_markdown(res), res, a.md, a.json)
         return 0
     table = QUICK_MODELS if a.quick else MODELS
     models = a.models.split(",") if a.models else list(table)
@@ -552,16 +544,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = to_markdown(result)
-    if a.md:
-        with open(a.md, "w") as f:
+    _write_outputs(to_markdown(result), result, a.md, a.json)
+    return 0
+
+
+def _write_outputs(md: str, result, md_path: str | None, json_path: str | None) -> None:
+    """The Markdown tables to `md_path` (stdout when None), the full results as JSON to `json_path`."""
+    if md_path:
+        with open(md_path, "w") as f:
             f.write(md)
     else:
         print(md)
-    if a.json:
-        with open(a.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(_json_safe(result), f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
