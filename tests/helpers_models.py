@@ -13,10 +13,20 @@ Call these only after the `comfyui_path` fixture made `comfy` importable.
 from __future__ import annotations
 
 import contextlib
-import math
+import sys
 from pathlib import Path
 
 import torch
+
+# The model configs and the random init live in quant/bench/models.py (one source for the real
+# models' options). Standalone scripts (gpu_nodes_check.py, bench_compare_fullsize.py) put only
+# tests/ on sys.path, so the repository root is added here for them.
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from quant.bench.models import WAN14B, ZIMAGE, tiny_config  # noqa: E402
+from quant.bench.models import init_random_ as _init_random_  # noqa: E402, F401  (used by scripts)
 
 WAN_DIM = 256  # 2 heads of 128
 WAN_FFN = 512
@@ -25,19 +35,17 @@ ZIMAGE_DIM = 256  # 2 heads of 128; RoPE axes 32+48+48 = 128 as in Z-Image
 ZIMAGE_CAP = 256
 ZIMAGE_LAYERS = 2
 
-
-def _init_random_(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI's ops skip weight init: give every parameter realistic random values."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        with torch.no_grad():
-            if p.dim() >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            else:  # norm scales, pad tokens, modulation tables
-                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+WAN_CONFIG = tiny_config(
+    WAN14B, dim=WAN_DIM, ffn_dim=WAN_FFN, num_heads=WAN_DIM // 128, num_layers=WAN_LAYERS
+)
+ZIMAGE_CONFIG = tiny_config(
+    ZIMAGE,
+    dim=ZIMAGE_DIM,
+    n_layers=ZIMAGE_LAYERS,
+    n_heads=ZIMAGE_DIM // 128,
+    n_kv_heads=ZIMAGE_DIM // 128,
+    cap_feat_dim=ZIMAGE_CAP,
+)
 
 
 def wan_model(seed: int = 0, out_dim: int = 16) -> torch.nn.Module:
@@ -45,43 +53,12 @@ def wan_model(seed: int = 0, out_dim: int = 16) -> torch.nn.Module:
     from comfy.ldm.wan.model import WanModel
 
     m = WanModel(
-        model_type="t2v",
-        patch_size=(1, 2, 2),
-        text_len=512,
-        in_dim=16,
-        dim=WAN_DIM,
-        ffn_dim=WAN_FFN,
-        freq_dim=256,
-        text_dim=4096,
-        out_dim=out_dim,
-        num_heads=WAN_DIM // 128,
-        num_layers=WAN_LAYERS,
+        **tiny_config(WAN_CONFIG, out_dim=out_dim),
         operations=comfy.ops.disable_weight_init,
         dtype=torch.float32,
     )
     _init_random_(m, seed)
     return m.eval()
-
-
-ZIMAGE_CONFIG = dict(
-    patch_size=2,
-    in_channels=16,
-    dim=ZIMAGE_DIM,
-    n_layers=ZIMAGE_LAYERS,
-    n_refiner_layers=2,
-    n_heads=ZIMAGE_DIM // 128,
-    n_kv_heads=ZIMAGE_DIM // 128,
-    multiple_of=256,
-    ffn_dim_multiplier=8.0 / 3.0,
-    qk_norm=True,
-    cap_feat_dim=ZIMAGE_CAP,
-    axes_dims=[32, 48, 48],
-    axes_lens=[1536, 512, 512],
-    rope_theta=256.0,
-    z_image_modulation=True,
-    time_scale=1000.0,
-    pad_tokens_multiple=32,
-)
 
 
 def zimage_model(seed: int = 0) -> torch.nn.Module:

@@ -77,7 +77,8 @@ WAN14B = dict(
 )
 
 
-def _tiny(cfg: dict, **over) -> dict:
+def tiny_config(cfg: dict, **over) -> dict:
+    """A copy of a model config with some fields replaced (the small CI versions; tests use it too)."""
     c = dict(cfg)
     c.update(over)
     return c
@@ -88,21 +89,21 @@ MODELS = {
     "zimage": (
         "comfy.ldm.lumina.model:NextDiT",
         ZIMAGE,
-        _tiny(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
+        tiny_config(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
         "zimage",
         "Z-Image-Turbo 1024x1024 (4096 image + 256 text tokens)",
     ),
     "wan5b": (
         "comfy.ldm.wan.model:WanModel",
         WAN5B,
-        _tiny(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+        tiny_config(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
         "wan22_5b",
         "Wan 2.2 TI2V 5B 1280x704x121 (27280 tokens)",
     ),
     "wan14b": (
         "comfy.ldm.wan.model:WanModel",
         WAN14B,
-        _tiny(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+        tiny_config(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
         "wan21",
         "Wan 14B 832x480x81 (32760 tokens)",
     ),
@@ -180,7 +181,7 @@ def _cls(path: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def _init_random_(model: torch.nn.Module, seed: int) -> None:
+def init_random_(model: torch.nn.Module, seed: int) -> None:
     """ComfyUI's ops skip weight init: realistic random values (fan-in scaled matrices, small
     biases, norm/modulation tables near 1)."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -345,7 +346,7 @@ def run(args, device: torch.device) -> list[dict]:
     for name in [m for m in getattr(args, "models", "zimage,wan5b").split(",") if m]:
         quick = args.quick
         src = _build(name, quick, _comfy().ops.disable_weight_init, device)
-        _init_random_(src, seed=0)
+        init_random_(src, seed=0)
         sd = src.state_dict()
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         src_bytes = sum(v.numel() * v.element_size() for v in sd.values())
