@@ -114,6 +114,64 @@ def note(g: Graph, pos, text: str) -> dict:
     return g.node("Note", pos, [text], size=(420, 300))
 
 
+# The stock ComfyUI nodes every workflow here uses, with their slots written once.
+KSAMPLER_INPUTS = [
+    ("model", "MODEL"),
+    ("positive", "CONDITIONING"),
+    ("negative", "CONDITIONING"),
+    ("latent_image", "LATENT"),
+]
+
+
+def clip_loader(g: Graph, pos, name: str, clip_type: str, repo: str) -> dict:
+    return g.node(
+        "CLIPLoader",
+        pos,
+        [name, clip_type, "default"],
+        outputs=[("CLIP", "CLIP")],
+        models=[model_entry(name, repo, "text_encoders")],
+    )
+
+
+def vae_loader(g: Graph, pos, name: str, repo: str) -> dict:
+    return g.node("VAELoader", pos, [name], outputs=[("VAE", "VAE")], models=[model_entry(name, repo, "vae")])
+
+
+def model_sampling(g: Graph, type_: str, pos, shift: float) -> dict:
+    return g.node(type_, pos, [shift], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
+
+
+def text_encode(g: Graph, pos, text: str) -> dict:
+    return g.node(
+        "CLIPTextEncode",
+        pos,
+        [text],
+        inputs=[("clip", "CLIP")],
+        outputs=[("CONDITIONING", "CONDITIONING")],
+        size=(400, 160),
+    )
+
+
+def vae_decode(g: Graph, pos) -> dict:
+    return g.node(
+        "VAEDecode", pos, [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")]
+    )
+
+
+def create_video(g: Graph, pos, fps: int) -> dict:
+    return g.node(
+        "CreateVideo",
+        pos,
+        [fps],
+        inputs=[("images", "IMAGE"), ("audio", "AUDIO")],
+        outputs=[("VIDEO", "VIDEO")],
+    )
+
+
+def save_video(g: Graph, pos, prefix: str) -> dict:
+    return g.node("SaveVideo", pos, [prefix, "auto", "auto"], inputs=[("video", "VIDEO")], size=(400, 440))
+
+
 def where_files_go(files: dict[str, list[str]], extra: str = "") -> str:
     lines = ["Model files (Comfy-Org repackaged, bf16/fp16: the loader quantizes them as they load):", ""]
     for folder, names in files.items():
@@ -132,30 +190,13 @@ def zimage(fmt: str) -> dict:
     g = Graph()
     unet = "z_image_turbo_bf16.safetensors"
     m = loader(g, (40, 40), unet, ZIMAGE_REPO, fmt)
-    clip = g.node(
-        "CLIPLoader",
-        (40, 500),
-        ["qwen_3_4b.safetensors", "lumina2", "default"],
-        outputs=[("CLIP", "CLIP")],
-        models=[model_entry("qwen_3_4b.safetensors", ZIMAGE_REPO, "text_encoders")],
-    )
-    vae = g.node(
-        "VAELoader",
-        (40, 660),
-        ["ae.safetensors"],
-        outputs=[("VAE", "VAE")],
-        models=[model_entry("ae.safetensors", ZIMAGE_REPO, "vae")],
-    )
-    ms = g.node(
-        "ModelSamplingAuraFlow", (500, 40), [3], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")]
-    )
-    pos = g.node(
-        "CLIPTextEncode",
+    clip = clip_loader(g, (40, 500), "qwen_3_4b.safetensors", "lumina2", ZIMAGE_REPO)
+    vae = vae_loader(g, (40, 660), "ae.safetensors", ZIMAGE_REPO)
+    ms = model_sampling(g, "ModelSamplingAuraFlow", (500, 40), 3)
+    pos = text_encode(
+        g,
         (500, 200),
-        ["A lighthouse on a rocky coast at golden hour, waves breaking, cinematic photo, sharp detail"],
-        inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-        size=(400, 160),
+        "A lighthouse on a rocky coast at golden hour, waves breaking, cinematic photo, sharp detail",
     )
     neg = g.node(
         "ConditioningZeroOut",
@@ -169,22 +210,11 @@ def zimage(fmt: str) -> dict:
         "KSampler",
         (960, 40),
         [0, "randomize", 4, 1, "res_multistep", "simple", 1],
-        inputs=[
-            ("model", "MODEL"),
-            ("positive", "CONDITIONING"),
-            ("negative", "CONDITIONING"),
-            ("latent_image", "LATENT"),
-        ],
+        inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 260),
     )
-    dec = g.node(
-        "VAEDecode",
-        (960, 340),
-        [],
-        inputs=[("samples", "LATENT"), ("vae", "VAE")],
-        outputs=[("IMAGE", "IMAGE")],
-    )
+    dec = vae_decode(g, (960, 340))
     save = g.node("SaveImage", (1320, 40), [f"z-image-{fmt}"], inputs=[("images", "IMAGE")], size=(400, 440))
     g.link(m, 0, ms, "model")
     g.link(ms, 0, ks, "model")
@@ -217,42 +247,16 @@ def wan22_5b() -> dict:
     unet = "wan2.2_ti2v_5B_fp16.safetensors"
     m = loader(g, (40, 40), unet, WAN22_REPO, "fp8_e4m3fn")
     att = attention(g, (500, 40))
-    clip = g.node(
-        "CLIPLoader",
-        (40, 500),
-        ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"],
-        outputs=[("CLIP", "CLIP")],
-        models=[model_entry("umt5_xxl_fp8_e4m3fn_scaled.safetensors", WAN21_REPO, "text_encoders")],
-    )
-    vae = g.node(
-        "VAELoader",
-        (40, 660),
-        ["wan2.2_vae.safetensors"],
-        outputs=[("VAE", "VAE")],
-        models=[model_entry("wan2.2_vae.safetensors", WAN22_REPO, "vae")],
-    )
-    ms = g.node(
-        "ModelSamplingSD3", (500, 140), [8], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")]
-    )
-    pos = g.node(
-        "CLIPTextEncode",
+    clip = clip_loader(g, (40, 500), "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", WAN21_REPO)
+    vae = vae_loader(g, (40, 660), "wan2.2_vae.safetensors", WAN22_REPO)
+    ms = model_sampling(g, "ModelSamplingSD3", (500, 140), 8)
+    pos = text_encode(
+        g,
         (500, 260),
-        [
-            "A street musician plays guitar in a retro subway station, commuters pass by, the camera slowly "
-            "moves right, warm dim light, film grain"
-        ],
-        inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-        size=(400, 160),
+        "A street musician plays guitar in a retro subway station, commuters pass by, the camera slowly "
+        "moves right, warm dim light, film grain",
     )
-    neg = g.node(
-        "CLIPTextEncode",
-        (500, 460),
-        [WAN_NEGATIVE],
-        inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-        size=(400, 160),
-    )
+    neg = text_encode(g, (500, 460), WAN_NEGATIVE)
     lat = g.node(
         "Wan22ImageToVideoLatent",
         (500, 660),
@@ -265,36 +269,13 @@ def wan22_5b() -> dict:
         "KSampler",
         (960, 40),
         [0, "randomize", 20, 5, "uni_pc", "simple", 1],
-        inputs=[
-            ("model", "MODEL"),
-            ("positive", "CONDITIONING"),
-            ("negative", "CONDITIONING"),
-            ("latent_image", "LATENT"),
-        ],
+        inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 260),
     )
-    dec = g.node(
-        "VAEDecode",
-        (960, 340),
-        [],
-        inputs=[("samples", "LATENT"), ("vae", "VAE")],
-        outputs=[("IMAGE", "IMAGE")],
-    )
-    cv = g.node(
-        "CreateVideo",
-        (960, 440),
-        [24],
-        inputs=[("images", "IMAGE"), ("audio", "AUDIO")],
-        outputs=[("VIDEO", "VIDEO")],
-    )
-    save = g.node(
-        "SaveVideo",
-        (1320, 40),
-        ["video/wan22_5b_fp8", "auto", "auto"],
-        inputs=[("video", "VIDEO")],
-        size=(400, 440),
-    )
+    dec = vae_decode(g, (960, 340))
+    cv = create_video(g, (960, 440), 24)
+    save = save_video(g, (1320, 40), "video/wan22_5b_fp8")
     g.link(m, 0, att, "model")
     g.link(att, 0, ms, "model")
     g.link(ms, 0, ks, "model")
@@ -333,57 +314,23 @@ def wan22_14b_t2v() -> dict:
     ml = loader(g, (40, 500), low, WAN22_REPO, "mxfp4", title="Low-noise expert (MXFP4)")
     ah = attention(g, (500, 40), title="Attention (high-noise)")
     al = attention(g, (500, 500), title="Attention (low-noise)")
-    msh = g.node(
-        "ModelSamplingSD3", (500, 140), [8], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")]
-    )
-    msl = g.node(
-        "ModelSamplingSD3", (500, 600), [8], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")]
-    )
-    clip = g.node(
-        "CLIPLoader",
-        (40, 960),
-        ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"],
-        outputs=[("CLIP", "CLIP")],
-        models=[model_entry("umt5_xxl_fp8_e4m3fn_scaled.safetensors", WAN21_REPO, "text_encoders")],
-    )
-    vae = g.node(
-        "VAELoader",
-        (40, 1120),
-        ["wan_2.1_vae.safetensors"],
-        outputs=[("VAE", "VAE")],
-        models=[model_entry("wan_2.1_vae.safetensors", WAN22_REPO, "vae")],
-    )
-    pos = g.node(
-        "CLIPTextEncode",
+    msh = model_sampling(g, "ModelSamplingSD3", (500, 140), 8)
+    msl = model_sampling(g, "ModelSamplingSD3", (500, 600), 8)
+    clip = clip_loader(g, (40, 960), "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", WAN21_REPO)
+    vae = vae_loader(g, (40, 1120), "wan_2.1_vae.safetensors", WAN22_REPO)
+    pos = text_encode(
+        g,
         (500, 960),
-        [
-            "A red fox trots through fresh snow in a birch forest at dawn, breath visible, soft light, "
-            "slow tracking shot"
-        ],
-        inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-        size=(400, 160),
+        "A red fox trots through fresh snow in a birch forest at dawn, breath visible, soft light, "
+        "slow tracking shot",
     )
-    neg = g.node(
-        "CLIPTextEncode",
-        (500, 1160),
-        [WAN_NEGATIVE],
-        inputs=[("clip", "CLIP")],
-        outputs=[("CONDITIONING", "CONDITIONING")],
-        size=(400, 160),
-    )
+    neg = text_encode(g, (500, 1160), WAN_NEGATIVE)
     lat = g.node("EmptyHunyuanLatentVideo", (500, 1360), [640, 640, 81, 1], outputs=[("LATENT", "LATENT")])
-    ks_inputs = [
-        ("model", "MODEL"),
-        ("positive", "CONDITIONING"),
-        ("negative", "CONDITIONING"),
-        ("latent_image", "LATENT"),
-    ]
     ksh = g.node(
         "KSamplerAdvanced",
         (960, 40),
         ["enable", 0, "randomize", 20, 3.5, "euler", "simple", 0, 10, "enable"],
-        inputs=ks_inputs,
+        inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 340),
         title="KSampler (high-noise, steps 0-10)",
@@ -392,32 +339,14 @@ def wan22_14b_t2v() -> dict:
         "KSamplerAdvanced",
         (960, 500),
         ["disable", 0, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"],
-        inputs=ks_inputs,
+        inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 340),
         title="KSampler (low-noise, steps 10-20)",
     )
-    dec = g.node(
-        "VAEDecode",
-        (1320, 500),
-        [],
-        inputs=[("samples", "LATENT"), ("vae", "VAE")],
-        outputs=[("IMAGE", "IMAGE")],
-    )
-    cv = g.node(
-        "CreateVideo",
-        (1320, 600),
-        [16],
-        inputs=[("images", "IMAGE"), ("audio", "AUDIO")],
-        outputs=[("VIDEO", "VIDEO")],
-    )
-    save = g.node(
-        "SaveVideo",
-        (1680, 40),
-        ["video/wan22_14b_mxfp4", "auto", "auto"],
-        inputs=[("video", "VIDEO")],
-        size=(400, 440),
-    )
+    dec = vae_decode(g, (1320, 500))
+    cv = create_video(g, (1320, 600), 16)
+    save = save_video(g, (1680, 40), "video/wan22_14b_mxfp4")
     g.link(mh, 0, ah, "model")
     g.link(ml, 0, al, "model")
     g.link(ah, 0, msh, "model")
