@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import has_cpu_scaled_mm
 
 from quant import fp8
 from quant.kernels import fp8_gemm
@@ -102,19 +103,9 @@ def test_fused_gemm_3d_input_and_default_dtype():
     torch.testing.assert_close(y, yr, rtol=1e-2, atol=1e-2)
 
 
-def _has_cpu_scaled_mm() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        one = torch.ones(16, 1)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t().contiguous(), out_dtype=torch.bfloat16)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_rowwise_and_traceable_match_reference(device):
-    if device == "cpu" and not _has_cpu_scaled_mm():
+    if device == "cpu" and not has_cpu_scaled_mm():
         pytest.skip("this PyTorch has no CPU torch._scaled_mm with row-wise scales")
     x = torch.randn(4, 9, 64, dtype=torch.bfloat16, device=device)
     _, q, s = _fp8_weight(48, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import has_cpu_scaled_mm
 
 from quant import mxfp4
 from quant.kernels import mxfp4_gemm as mg
@@ -38,7 +39,7 @@ def test_kernel_matches_reference(device, variant, m, k, n, bias):
         "w4a16_dequant": (mg.mxfp4_linear_w4a16_dequant, mg.mxfp4_linear_w4a16_dequant_reference),
         "w4a8_dequant": (mg.mxfp4_linear_w4a8_dequant, mg.mxfp4_linear_w4a8_dequant_reference),
     }[variant]
-    if variant == "w4a8_dequant" and device == "cpu" and not _has_cpu_scaled_mm():
+    if variant == "w4a8_dequant" and device == "cpu" and not has_cpu_scaled_mm():
         pytest.skip("this PyTorch has no CPU torch._scaled_mm with row-wise scales")
     g = torch.Generator().manual_seed(m + k + n)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(device)
@@ -69,16 +70,6 @@ def test_dequantize_kernels_bit_exact(device):
     exact = mg.decode_mxfp4_reference(codes, scales)
     ok = (scales.amax(1, keepdim=True).int() - scales.int() <= 8).repeat_interleave(32, 1)
     torch.testing.assert_close((w8.float() * s8)[ok], exact[ok], rtol=0, atol=0)
-
-
-def _has_cpu_scaled_mm() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        one = torch.ones(16, 1)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t().contiguous(), out_dtype=torch.bfloat16)
-        return True
-    except Exception:
-        return False
 
 
 def test_w4a8_scale_spread_and_error_budget():
