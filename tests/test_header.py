@@ -217,6 +217,13 @@ CASES = [
 @pytest.mark.parametrize("kind,content,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_each_rule_broken_once_exact_message(tmp_path, kind, content, expected):
     p = tmp_path / "bad.safetensors"
+    _write_case(p, kind, content)
+    assert message(p) == f"{p}: {expected}"
+
+
+def _write_case(p, kind, content) -> None:
+    """Write one CASES file: kind None = empty file, "raw" = the bytes as given, otherwise the
+    header `content` followed by the data bytes that kind calls for."""
     if kind is None:
         p.write_bytes(b"")
     elif kind == "raw":
@@ -229,7 +236,6 @@ def test_each_rule_broken_once_exact_message(tmp_path, kind, content, expected):
         write(p, content, b"\0\0\0")
     else:
         write(p, content, b"\0\0")
-    assert message(p) == f"{p}: {expected}"
 
 
 def test_library_rejects_what_we_reject_for_format_rules(tmp_path):
@@ -240,16 +246,7 @@ def test_library_rejects_what_we_reject_for_format_rules(tmp_path):
         if name == "duplicate key" or kind is None:
             continue
         p = tmp_path / f"c{abs(hash(name))}.safetensors"
-        if kind == "raw":
-            p.write_bytes(content)
-        elif kind == "hdr":
-            write(p, content, b"\0\0\0")
-        elif kind == "short":
-            write(p, content, b"\0")
-        elif kind == "long":
-            write(p, content, b"\0\0\0")
-        else:
-            write(p, content, b"\0\0")
+        _write_case(p, kind, content)
         with pytest.raises(SafetensorError), safe_open(str(p), "pt"):
             pass
 
