@@ -27,43 +27,13 @@ def models() -> dict[str, tuple[str, torch.nn.Module]]:
     from comfy.ldm.lumina.model import NextDiT
     from comfy.ldm.wan.model import WanModel
 
-    ops = comfy.ops.disable_weight_init
-    wan = dict(patch_size=(1, 2, 2), text_len=512, freq_dim=256, text_dim=4096, device="meta", operations=ops)
-    zimage = NextDiT(
-        patch_size=2, in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
-        multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True, cap_feat_dim=2560,
-        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True,
-        time_scale=1000.0,
-        pad_tokens_multiple=32, device="meta", operations=ops,
-    )  # fmt: skip
+    from quant.bench.models import WAN5B, WAN14B, ZIMAGE  # the real configs, in one place
+
+    meta = dict(device="meta", operations=comfy.ops.disable_weight_init)
     return {
-        "Z-Image-Turbo 6B": ("zimage", zimage),
-        "Wan 2.1/2.2 A14B (T2V)": (
-            "wan21",
-            WanModel(
-                model_type="t2v",
-                in_dim=16,
-                dim=5120,
-                ffn_dim=13824,
-                out_dim=16,
-                num_heads=40,
-                num_layers=40,
-                **wan,
-            ),
-        ),
-        "Wan 2.2 TI2V 5B": (
-            "wan22_5b",
-            WanModel(
-                model_type="t2v",
-                in_dim=48,
-                dim=3072,
-                ffn_dim=14336,
-                out_dim=48,
-                num_heads=24,
-                num_layers=30,
-                **wan,
-            ),
-        ),
+        "Z-Image-Turbo 6B": ("zimage", NextDiT(**ZIMAGE, **meta)),
+        "Wan 2.1/2.2 A14B (T2V)": ("wan21", WanModel(**WAN14B, **meta)),
+        "Wan 2.2 TI2V 5B": ("wan22_5b", WanModel(**WAN5B, **meta)),
     }
 
 
