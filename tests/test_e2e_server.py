@@ -24,6 +24,8 @@ import helpers_models as hm
 import pytest
 import torch
 
+from quant.bench.models import ZIMAGE, tiny_config
+
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 TEST_NODE = """
@@ -313,25 +315,7 @@ def test_lora_workflow_lowvram_matches_normal(lowvram_server, normal_lora_latent
 ZIMAGE_NAME = "zimage_1layer.safetensors"
 # NextDiT with Z-Image's real options as ComfyUI's detector sets them for dim 3840, but n_layers 1
 # (detection counts `layers.N`); the 2 noise_refiner + 2 context_refiner blocks always exist.
-ZIMAGE_REAL = dict(
-    patch_size=2,
-    in_channels=16,
-    dim=3840,
-    n_layers=1,
-    n_refiner_layers=2,
-    n_heads=30,
-    n_kv_heads=30,
-    multiple_of=256,
-    ffn_dim_multiplier=8.0 / 3.0,
-    qk_norm=True,
-    cap_feat_dim=2560,
-    axes_dims=[32, 48, 48],
-    axes_lens=[1536, 512, 512],
-    rope_theta=256.0,
-    z_image_modulation=True,
-    time_scale=1000.0,
-    pad_tokens_multiple=32,
-)
+ZIMAGE_REAL = tiny_config(ZIMAGE, n_layers=1)
 # Linear layers of that file: 5 blocks x (attention.qkv, attention.out, feed_forward.w1/w2/w3) are
 # quantized; the Z-Image defaults keep x_embedder, cap_embedder.1, t_embedder.mlp.0/.2, the 3
 # adaLN_modulation layers (layers.0 and the 2 noise refiners) and final_layer's 2 Linears.
