@@ -75,6 +75,15 @@ def _free(device: torch.device | None = None) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    _release_pinned()
+
+
+def _release_pinned() -> None:
+    """Give back the pinned host blocks that nodes/ops.py staged weights in (CUDA quantization):
+    PyTorch's caching host allocator would otherwise keep them for the life of the process."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty()
 
 
 def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str, str]:
@@ -206,6 +215,8 @@ def load_quantized(
 
     if ops is not None:
         state = ops.load_state
+        if state.quantize_device is not None and state.quantize_device.type == "cuda":
+            _release_pinned()
         report.layers = list(state.records)
         report.quantize_seconds = state.quantize_seconds
         planned = {d.name for d in state.plan.decisions}

@@ -60,6 +60,22 @@ def _weight_sqnr_fn():
     return quantized_weight_sqnr_db
 
 
+def _to_quantize_device(weight: torch.Tensor, qdev: torch.device) -> torch.Tensor:
+    """`weight` on the quantization device. A lazily read weight (quant.safetensors_header) bound
+    for a CUDA GPU is read straight into pinned host memory (one positioned read, no pageable
+    temporary) and copied with `non_blocking=True`: the quantizer's kernels queue behind the copy
+    on the same stream, and PyTorch's caching host allocator keeps the pinned block until the
+    copy is done (same-shape layers reuse it). Anything else, or a pinning failure: `.to()`."""
+    if qdev.type == "cuda" and hasattr(weight, "_reader") and weight.device.type == "cpu":
+        try:
+            host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+        except RuntimeError:  # pinning refused (locked-memory limit, driver): the plain copy
+            return weight.to(device=qdev)
+        host.copy_(weight)
+        return host.to(device=qdev, non_blocking=True)
+    return weight.to(device=qdev)
+
+
 @dataclass
 class LoadState:
     """Everything one load needs and records; one instance per `make_ops` call."""
@@ -165,7 +181,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         t0 = time.perf_counter()
         w = None
         try:
-            w = weight.to(device=qdev)
+            w = _to_quantize_device(weight, qdev)
             try:
                 qt = quantize_to_tensor(w, state.format, self._oq_dtype, state.compute)
             except NonFiniteWeightError as e:

@@ -722,6 +722,18 @@ def iter_tensors(
         yield from _read_entries(f, p, hdr, wanted)
 
 
+def _read_into(f, p: str, hdr: SafetensorsHeader, e: TensorEntry, dst: torch.Tensor) -> None:
+    """Fill `dst` (a contiguous uint8 CPU tensor of `e.nbytes` bytes) with tensor `e`'s bytes by a
+    positioned read; a short read (file truncated meanwhile) is a `CheckpointError`."""
+    f.seek(hdr.data_start + e.start)
+    got = _readinto_full(f, memoryview(dst.numpy()))
+    if got != e.nbytes:
+        raise _fail(
+            p, f"file ended while reading tensor {_short(e.name)} (got {got} of {e.nbytes} bytes): "
+            "it was truncated or replaced while being read; get the file again"
+        )
+
+
 def _read_entries(f, p: str, hdr: SafetensorsHeader, wanted: list[TensorEntry]):
     import torch
 
@@ -733,15 +745,9 @@ def _read_entries(f, p: str, hdr: SafetensorsHeader, wanted: list[TensorEntry]):
         if e.nbytes == 0:
             yield e.name, torch.empty(shape, dtype=tdtype)
             continue
-        buf = bytearray(e.nbytes)
-        f.seek(hdr.data_start + e.start)
-        got = _readinto_full(f, memoryview(buf))
-        if got != e.nbytes:
-            raise _fail(
-                p, f"file ended while reading tensor {_short(e.name)} (got {got} of {e.nbytes} bytes): "
-                "it was truncated or replaced while being read; get the file again"
-            )
-        t = torch.frombuffer(buf, dtype=torch.uint8)
+        # torch.empty, not bytearray: no zero-fill pass over memory the read overwrites anyway
+        t = torch.empty(e.nbytes, dtype=torch.uint8)
+        _read_into(f, p, hdr, e, t)
         if sys.byteorder == "big" and torch.empty((), dtype=tdtype).element_size() > 1:
             size = torch.empty((), dtype=tdtype).element_size()
             t = t.view(-1, size).flip(-1).reshape(-1)
@@ -902,6 +908,20 @@ class _Reader:
             self.last = (name, t)
             return t
 
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        """Read tensor `name` straight into `dst`, a plain contiguous CPU tensor of its dtype and
+        shape (`param.copy_(lazy)` in `load_state_dict`): one positioned read into the
+        destination instead of a read into a temporary and a copy."""
+        import torch
+
+        with self.lock:
+            if self.last is not None and self.last[0] == name:
+                dst.copy_(self.last[1])
+                return
+            self.last = None
+            e = self.header.tensors[name]
+            _read_into(self.f, self.path, self.header, e, dst.detach().reshape(-1).view(torch.uint8))
+
     def take(self, name: str):
         """The tensor, owned by the caller from now on (the cache lets go of it)."""
         t = self.read(name)
@@ -999,10 +1019,38 @@ def _lazy_tensor_cls():
             if schema is not None and schema.is_mutable and args and isinstance(args[0], cls):
                 raise RuntimeError(f"{func}: lazy safetensors tensors are read-only")
 
+            if func is _COPY and len(args) >= 2 and _direct_copy(cls, args[0], args[1]):
+                args[1]._reader.read_into(args[1]._name, args[0])
+                return args[0]
+
             def real(x):
                 return x._reader.read(x._name) if isinstance(x, cls) else x
 
             return func(*tree_map(real, args), **tree_map(real, kwargs or {}))
 
+    global _COPY
+    _COPY = torch.ops.aten.copy_.default
     _LAZY_CLS = LazySafetensorsTensor
     return _LAZY_CLS
+
+
+_COPY = None
+
+
+def _direct_copy(cls, dst, src) -> bool:
+    """Whether `dst.copy_(src)` can read `src`'s bytes straight into `dst`: `src` lazy, `dst` a
+    plain contiguous CPU tensor of the same dtype and shape (no cast, no broadcast), and a
+    little-endian host (the file's byte order)."""
+    import torch
+
+    return (
+        isinstance(src, cls)
+        and not isinstance(dst, cls)
+        and type(dst) in (torch.Tensor, torch.nn.Parameter)
+        and dst.device.type == "cpu"
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.is_contiguous()
+        and dst.numel() > 0
+        and sys.byteorder == "little"
+    )

@@ -277,6 +277,30 @@ def test_lazy_state_dict_loads_a_module_exactly(tmp_path):
     assert reader.last is not None and reader.last[0] == "2.weight"  # holds one tensor at most
 
 
+def test_lazy_copy_reads_straight_into_the_destination(tmp_path):
+    """`param.copy_(lazy)` (load_state_dict) reads the bytes into the destination with one
+    positioned read (no temporary, nothing cached); casts and strided destinations still work,
+    and a file truncated meanwhile is still a CheckpointError."""
+    from quant.safetensors_header import lazy_state_dict
+
+    a = torch.randn(48, 64).to(torch.bfloat16)
+    p = str(tmp_path / "m.safetensors")
+    save_file({"a": a, "b": torch.ones(256, dtype=torch.bfloat16)}, p)  # same dtype: "b" is last
+    sd = lazy_state_dict(p)
+    dst = torch.nn.Parameter(torch.zeros(48, 64, dtype=torch.bfloat16))  # requires_grad, as nn.Linear's
+    with torch.no_grad():
+        assert dst.copy_(sd["a"]) is dst
+    assert torch.equal(dst.detach(), a)
+    assert sd["a"]._reader.last is None  # read into dst, not into the reader's cache
+    f32 = torch.zeros(48, 64).copy_(sd["a"])  # a cast: the generic path
+    assert torch.equal(f32, a.float())
+    strided = torch.zeros(64, 48, dtype=torch.bfloat16).t().copy_(sd["a"])  # not contiguous
+    assert torch.equal(strided, a)
+    os.truncate(p, os.path.getsize(p) - 100)
+    with pytest.raises(CheckpointError, match="file ended while reading tensor 'b'"):
+        torch.zeros(256, dtype=torch.bfloat16).copy_(sd["b"])  # the direct path
+
+
 def test_lazy_state_dict_truncated_file_raises_checkpoint_error(tmp_path):
     from quant.safetensors_header import lazy_state_dict
 
