@@ -67,9 +67,7 @@ def quantize_weight(
     if not w.is_floating_point():
         raise TypeError(f"FP8 quantizes floating-point tensors, got {w.dtype}")
     n, k = w.shape
-    amax = (
-        w.abs().amax(dim=1, keepdim=True).float() if w.numel() else w.new_zeros((n, 1), dtype=torch.float32)
-    )
+    amax = _row_amax(w)  # chunked: no full-size |w| temporary while a big layer loads
     if not bool(torch.isfinite(amax).all()):  # NaN and Inf propagate into amax
         raise NonFiniteWeightError("weight contains NaN or Inf values; FP8 cannot quantize it")
     if granularity == "tensor":
