@@ -157,8 +157,9 @@ def _fp8_run(q: Tensor, k: Tensor, v: Tensor, pv: str = "fp8") -> Tensor:
 
 def _builtin_backends() -> list[AttentionBackend]:
     return [
-        AttentionBackend(  # issue 8 (engineer E): quant/attention.py, measured in .dev/notes/E.md
-            "fp8", "8-bit attention, Triton (INT8 Q·Kᵀ, FP8 P·V; NVIDIA sm_89+): fastest, ~4% output error",
+        AttentionBackend(  # issue 8: quant/attention.py; measured in docs/benchmarks.md
+            "fp8", "8-bit attention, Triton (INT8 Q·Kᵀ, FP8 P·V; NVIDIA sm_89+): experimental, "
+            "0.64-1.05x cuDNN on an H100, ~4% output error",
             _fp8_available, _fp8_unsupported, _fp8_run,
         ),
         AttentionBackend(

@@ -14,7 +14,7 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .loader_node import OnlineQuantDiffusionLoader
 
     nodes: list[type[io.ComfyNode]] = [OnlineQuantDiffusionLoader, OnlineQuantAttention]
-    try:  # engineer H's compare node, when it exists
+    try:  # the compare node (nodes/compare.py), when it imports
         from .compare import OnlineQuantCompare
     except ImportError as e:
         if "compare" not in str(e):
@@ -25,7 +25,7 @@ def node_list() -> list[type[io.ComfyNode]]:
 
 
 def register_routes() -> None:
-    """The web preview route (engineer F) registers on ComfyUI's server when it exists (idempotent)."""
+    """The web preview route (nodes/routes.py) registers on ComfyUI's server when it exists (idempotent)."""
     try:
         from . import routes
     except ImportError:

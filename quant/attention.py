@@ -187,7 +187,7 @@ def _op_fake(
 
 def _register_op():
     """Register onlinequant::fp8_attention once per process: the package may be imported twice
-    (as `quant` and as `comfyui_online_quant.quant`, CONTRACT rule 9); the second import reuses it."""
+    (as `quant` and as `comfyui_online_quant.quant`); the second import reuses it."""
     try:
         return torch.ops.onlinequant.fp8_attention.default
     except (AttributeError, RuntimeError):
@@ -216,7 +216,7 @@ def fp8_attention(
 ) -> torch.Tensor:
     """Non-causal softmax(q·kᵀ/√D)·v with 8-bit Q·Kᵀ and P·V (SageAttention-2's recipe).
 
-    qk: "int8" (default; ~3.5x less error than e4m3 at the same speed, see .dev/notes/E.md) or
+    qk: "int8" (default; ~3.5x less error than e4m3 at the same speed, see docs/benchmarks.md) or
     "fp8" (e4m3). pv: "fp8" (default, the fast one) or "bf16" (about 3x less error, no faster
     than cuDNN bf16). k_scale: one K scale per "block" of keys (default) or per "token"
     (slightly more accurate, ~12% slower).

@@ -15,7 +15,7 @@ Built in:
 - "scaled_mm_mxfp4": documented seam only, never usable yet: Blackwell (sm_100/sm_120) runs MXFP4
   natively via `torch._scaled_mm` with float4_e2m1fn_x2 data and float8_e8m0fnu block scales in
   cuBLAS's swizzled layout; no such GPU here to test it on.
-Plug-ins (engineer D's Triton kernels in quant/kernels, the AITER path in quant/amd.py) call
+Plug-ins (the Triton kernels in quant/kernels, the AITER path in quant/amd.py) call
 `register_backend(Backend(...))` when imported; `choose_backend` imports them lazily once. E.g.
 
     register_backend(Backend("aiter_a4w4", kinds=("mxfp4",), computes=("w4a4",), run=run,
@@ -83,7 +83,7 @@ _BACKENDS: dict[str, Backend] = {}
 # itself (hashable, what x.device gives), so a cache hit builds no string and no dataclass.
 _CHOICE_CACHE: dict[tuple, BackendChoice] = {}
 # The same key -> (the chosen backend's run function, compute mode): what each call needs, so a
-# Linear's call costs one dict lookup (small GEMMs are host-bound: .dev/notes/D.md, A2.md).
+# Linear's call costs one dict lookup (small GEMMs are host-bound: docs/benchmarks.md).
 _RUN_CACHE: dict[tuple, tuple[Callable, str]] = {}
 _DEVICE_CACHE: dict[str, DeviceInfo] = {}
 # Modules that register backends when imported; imported lazily, once (missing ones are fine).

@@ -101,7 +101,7 @@ def quantized_linear(
 
     In eager mode with no gradient to record (ComfyUI samples under inference_mode), the op's
     implementation is called directly: same backend, same result, without the dispatcher's
-    host cost (.dev/notes/A2.md). The backend is resolved once per (format, device, compute).
+    host cost (docs/benchmarks.md). The backend is resolved once per (format, device, compute).
     """
     if ops.eager_ok(x, bias, qw.scale):
         return run_linear(x, qw, bias, compute, backend)

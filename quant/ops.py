@@ -9,8 +9,8 @@ Schema (both ops):
 x [..., K]; qdata/scale as in quant.formats.QuantizedWeight; returns [..., N] in x.dtype, where
 N = qdata.shape[0]. `backend` "" means "let backends.py choose".
 
-This package can be imported twice in one process (as `quant` and as `<pack>.quant`, CONTRACT
-rule 9): each op is defined only if `torch.ops.onlinequant` does not have it yet; otherwise the
+This package can be imported twice in one process (as `quant` and as `<pack>.quant`,
+e.g. in tests): each op is defined only if `torch.ops.onlinequant` does not have it yet; otherwise the
 existing op is reused (it dispatches through the backend registry of the first import).
 
 Host cost: the ops are defined with `torch.library.Library` (define + one

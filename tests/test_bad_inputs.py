@@ -343,7 +343,7 @@ def test_forced_missing_backend_names_the_package():
     assert tried >= 1
 
 
-# --- the web route: names, caps, concurrency (engineer F's nodes/routes.py) ---------------------
+# --- the web route: names, caps, concurrency (nodes/routes.py) ---------------------
 
 
 @pytest.fixture

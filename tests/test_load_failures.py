@@ -1,4 +1,4 @@
-"""Loading through engineer C's `load_quantized` with a real ComfyUI: bad files give clear errors,
+"""Loading through `nodes.loader.load_quantized` with a real ComfyUI: bad files give clear errors,
 a failed load leaves nothing behind and the next load with corrected inputs works, the checkpoint
 is never opened for writing, pre-quantized files load as they are with a note. (LoRA unpatching
 and clone isolation are C's tests: tests/test_nodes_lora.py.)"""

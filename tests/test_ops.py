@@ -68,7 +68,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_double_import_reuses_ops():
-    """The package imported again under another name must not re-register (CONTRACT rule 9)."""
+    """The package imported again under another name must not re-register."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "quant"
@@ -96,7 +96,7 @@ def test_double_import_reuses_ops():
 
 @pytest.fixture
 def builtin_only(monkeypatch):
-    """Only the built-in backends (engineer D's plug-ins register above them)."""
+    """Only the built-in backends (the Triton plug-ins register above them)."""
     monkeypatch.setattr(backends, "_BACKENDS", {b.name: b for b in backends.BUILTIN_BACKENDS})
     monkeypatch.setattr(backends, "_plugins_loaded", True)
     backends.clear_cache()

@@ -54,7 +54,7 @@ def default_config(
     v_fp8: bool = True,
     k_per_token: bool = False,
 ) -> AttnConfig:
-    """Launch parameters per mode and head dim, from the H100 sweep in .dev/notes/E.md
+    """Launch parameters per mode and head dim, from the H100 sweep in docs/benchmarks.md
     (`python -m quant.bench.attention --tune`); D=64/256 are untuned guesses."""
     if device.type != "cuda":  # interpreter: small blocks keep CPU tests fast
         return AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)

@@ -22,13 +22,13 @@ ACT_GROUP = 128  # activation scale granularity of the fused kernel (1 x 128, De
 def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
     """Weight scale as the [1, N] fp32 row that `_scaled_mm` takes for row-wise scaling.
     A contiguous fp32 [N, 1] scale (the stored per-channel layout) is only re-viewed: no copy and
-    no kernel launch per call (small GEMMs are host-bound, see .dev/notes/D.md)."""
+    no kernel launch per call (small GEMMs are host-bound, see docs/benchmarks.md)."""
     if w_scale.dtype == torch.float32 and w_scale.numel() == n and w_scale.is_contiguous():
         return w_scale.view(1, n)
     return w_scale.float().reshape(-1, 1).expand(n, 1).reshape(1, n).contiguous()
 
 
-# Hopper FP8 fast accumulation for the row-wise GEMM, chosen by measurement (.dev/notes/D.md):
+# Hopper FP8 fast accumulation for the row-wise GEMM, chosen by measurement (docs/benchmarks.md):
 # on an H100 it made the GEMM 10-25% faster (1.5-1.85x bf16 instead of 1.2-1.5x) with the same
 # output error against bf16 (3.8% on N(0,1) inputs at K=3072..14336) as the split accumulation.
 FAST_ACCUM = True
@@ -109,7 +109,7 @@ def fp8_linear_act_fused_reference(
     return finish_linear(y, x, bias, out_dtype or x.dtype)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100 (see .dev/notes/D.md); BLOCK_K = 128.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100 (see docs/benchmarks.md); BLOCK_K = 128.
 FUSED_CONFIG = (128, 128, 8, 3)
 
 

@@ -29,7 +29,7 @@ def decode_mxfp4_reference(codes: torch.Tensor, scales: torch.Tensor) -> torch.T
     return (vals.view(*vals.shape[:-1], -1, 32) * sf[..., None]).reshape(vals.shape)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); tuned on H100 (.dev/notes/D.md)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); tuned on H100 (docs/benchmarks.md)
 W4A16_CONFIG = (128, 128, 64, 8, 3)
 DOT_SCALED_CONFIG = (128, 128, 64, 4, 4)
 W4A8_CONFIG = (128, 128, 128, 4, 4)

@@ -3,7 +3,7 @@ torch.compile). The quantized Linear's own entry points are quant/ops.py's `fp8_
 `mxfp4_linear`, which reach these kernels through the backend registry; the ops here let a
 compiled graph call a kernel directly (e.g. per-token FP8 quantization after a fused producer).
 
-Guarded like quant/ops.py (CONTRACT rule 9): an op that already exists (the pack imported a
+Guarded like quant/ops.py: an op that already exists (the pack imported a
 second time under another name) is reused, never redefined.
 """
 

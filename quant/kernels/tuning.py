@@ -1,5 +1,5 @@
 """Per-shape choice between the GEMM paths, from measurements on an H100 80GB (torch 2.11+cu130,
-Triton 3.6; `python -m quant.bench --sections gemm`, tables in .dev/notes/D.md).
+Triton 3.6; `python -m quant.bench --sections gemm`, tables in docs/benchmarks.md).
 
 FP8 (every Z-Image / Wan Linear shape, M = 4096 and 32760):
 - row-wise: Triton per-token quant (2.1-3.0 TB/s) + `_scaled_mm` row-wise with fast accumulation:
