@@ -1,7 +1,7 @@
 """Numeric constants of the formats, each with the place it comes from.
 
 OCP MX v1.0 = "OCP Microscaling Formats (MX) Specification v1.0" (Sept 2023), sections 5.1-5.3
-and 6.3; DESIGN §5 = /work/shared/DESIGN.md section 5 (the project's format facts).
+and 6.3; DESIGN §5 = section 5 of the project's shared design notes (format facts).
 """
 
 from __future__ import annotations
