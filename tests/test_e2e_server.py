@@ -154,6 +154,31 @@ def test_object_info_lists_nodes_and_inputs(server):
     assert {"auto", "sdpa", "flash_attn_2", "comfy_default"} <= set(backends[1].get("options") or backends[0])
 
 
+def _sample_and_save(model: list, steps: int, prefix: str) -> dict:
+    """Nodes "5" (KSampler on latent "3" and conditioning "4") and "6" (SaveLatent) of a test prompt."""
+    return {
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "seed": 3,
+                "steps": steps,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["4", 0],
+                "negative": ["4", 0],
+                "latent_image": ["3", 0],
+                "denoise": 1.0,
+            },
+        },
+        "6": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"},
+        },
+    }
+
+
 def _workflow(fmt: str, backend: str, prefix: str, lora: float | None = None) -> dict:
     wf = {
         "1": {
@@ -173,25 +198,7 @@ def _workflow(fmt: str, backend: str, prefix: str, lora: float | None = None) ->
             "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1},
         },
         "4": {"class_type": "OQTestConditioning", "inputs": {"tokens": 8, "seed": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "seed": 3,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["4", 0],
-                "negative": ["4", 0],
-                "latent_image": ["3", 0],
-                "denoise": 1.0,
-            },
-        },
-        "6": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"},
-        },
+        **_sample_and_save(["2", 0], steps=2, prefix=prefix),
     }
     if lora is not None:
         wf["7"] = {
@@ -371,25 +378,7 @@ def _zimage_workflow(fmt: str, prefix: str) -> dict:
         },
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "4": {"class_type": "OQTestConditioning", "inputs": {"tokens": 8, "seed": 1, "width": 2560}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "seed": 3,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["4", 0],
-                "negative": ["4", 0],
-                "latent_image": ["3", 0],
-                "denoise": 1.0,
-            },
-        },
-        "6": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"},
-        },
+        **_sample_and_save(["1", 0], steps=1, prefix=prefix),
     }
 
 
