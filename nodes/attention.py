@@ -2,7 +2,7 @@
 
 ComfyUI wraps every attention function with `wrap_attn`: when the model's
 `transformer_options["optimized_attention_override"]` is set it calls
-`override(func, *args, **kwargs)` instead (DESIGN.md §4). The node sets that on a clone of the
+`override(func, *args, **kwargs)` instead. The node sets that on a clone of the
 MODEL, so the input model is unchanged and each model can use its own backend.
 
 Layouts: Z-Image calls with q/k/v [B,H,L,D] and `skip_reshape=True`; Wan with [B,L,H·D]
@@ -10,7 +10,7 @@ and `heads`. Backends in the registry take and return [B,H,L,D]. A call a backen
 (mask, fp32 where it needs fp16/bf16, head dim too large, ...) runs ComfyUI's own function with
 the arguments untouched, and the first such call per model logs one warning with the reason.
 
-Adding a backend (e.g. FP8 attention, issue 8) is one `AttentionBackend(...)` entry in
+Adding a backend (e.g. FP8 attention) is one `AttentionBackend(...)` entry in
 `_builtin_backends()` or a `register_attention_backend(...)` call: `available()` returns None or
 the error text naming the package to install; `unsupported(q, k, v, mask)` returns None or why a
 call must fall back; `run(q, k, v)` computes softmax(q kᵀ/√D) v. Imports of optional packages
@@ -138,26 +138,26 @@ def _cudnn_run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def _fp8_available() -> str | None:
-    from ..quant.attention import runtime_unavailable_reason
+    from ..quant.attention.fp8 import runtime_unavailable_reason
 
     return runtime_unavailable_reason()
 
 
 def _fp8_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> str | None:
-    from ..quant.attention import unsupported_reason
+    from ..quant.attention.fp8 import unsupported_reason
 
     return unsupported_reason(q, k, v, mask)
 
 
 def _fp8_run(q: Tensor, k: Tensor, v: Tensor, pv: str = "fp8") -> Tensor:
-    from ..quant.attention import fp8_attention_bhld
+    from ..quant.attention.fp8 import fp8_attention_bhld
 
     return fp8_attention_bhld(q, k, v, pv=pv)
 
 
 def _builtin_backends() -> list[AttentionBackend]:
     return [
-        AttentionBackend(  # issue 8: quant/attention.py; measured in docs/benchmarks.md
+        AttentionBackend(  # quant/attention.py; measured in docs/benchmarks.md
             "fp8", "8-bit attention, Triton (INT8 Q·Kᵀ, FP8 P·V; NVIDIA sm_89+): experimental, "
             "0.64-1.05x cuDNN on an H100, ~4% output error",
             _fp8_available, _fp8_unsupported, _fp8_run,
@@ -196,7 +196,7 @@ def backend_choices() -> list[str]:
 
 def resolve_auto() -> tuple[str, str]:
     """(backend, reason) for `auto`: FA2 on ROCm when flash_attn imports; cuDNN SDPA on NVIDIA
-    Hopper and newer (measured 2x FA2 on H100, DESIGN §4); PyTorch SDPA elsewhere."""
+    Hopper and newer (measured 2x FA2 on H100); PyTorch SDPA elsewhere."""
     if torch.version.hip is not None and _fa2_available() is None:
         return "flash_attn_2", "ROCm with flash-attn installed"
     if torch.cuda.is_available() and torch.version.cuda is not None:

@@ -21,7 +21,7 @@ from comfy.quant_ops import QuantizedTensor, register_layout_class, register_lay
 from comfy_kitchen.tensor.base import BaseLayoutParams, QuantizedLayout
 
 from ..quant.formats import QuantizedWeight, get_format
-from ..quant.linear import quantized_linear
+from ..quant.matmul.linear import quantized_linear
 
 FP8_CHANNEL_LAYOUT = "OnlineQuantFP8ChannelLayout"
 MXFP4_LAYOUT = "OnlineQuantMXFP4Layout"
@@ -98,11 +98,13 @@ LAYOUTS: dict[str, type[_OnlineQuantLayout]] = {
 }
 
 
+# The ComfyUI layout that holds each format kind's packed weight (quant.formats: WeightFormat.kind).
+LAYOUT_FOR_KIND = {"fp8": FP8_CHANNEL_LAYOUT, "mxfp4": MXFP4_LAYOUT}
+
+
 def layout_for_format(format_name: str) -> str:
     """The layout name a format's packed weight is stored under (by the packing, not the name)."""
-    fmt = get_format(format_name)
-    # bits_per_weight > 6 means one byte per element plus scales (FP8 kinds); below, packed codes.
-    return FP8_CHANNEL_LAYOUT if fmt.bits_per_weight > 6 else MXFP4_LAYOUT
+    return LAYOUT_FOR_KIND[get_format(format_name).kind]
 
 
 def to_quantized_tensor(

@@ -1,17 +1,13 @@
 """`load_quantized`: load a diffusion model file through ComfyUI, quantizing Linear layers online.
 
-Plain Python (no node machinery), so the loader node, H's compare node, tests and scripts all
+Plain Python (no node machinery), so the loader node, the compare node, tests and scripts all
 call the same function. Steps: read the file with ComfyUI's `load_torch_file`; detect the family
-and list the Linear layers from the tensor shapes (quant.selection); build the plan; build a
+and list the Linear layers from the tensor shapes (quant.selection.plan); build the plan; build a
 fresh ops class (nodes/ops.py); let ComfyUI build and load the model with
 `model_options["custom_operations"]`, so each layer is quantized as ComfyUI loads it.
 
-The ignored-layers text (node field and `ignore_text` argument):
-- `None`, or a text whose first line starts with `# auto` (the node's default, AUTO_IGNORE_TEXT):
-  the detected family's defaults (`quant.families.default_ignore_text`); patterns written below
-  the `# auto` line are added to those defaults;
-- `""` (an empty field): no pattern, quantize every eligible layer;
-- anything else: exactly those patterns (syntax: quant/patterns.py).
+The ignored-layers text (node field and `ignore_text` argument) is read by
+`quant.selection.user_text.plan_from_text`, as the preview route and the CLI read it.
 
 A failed load raises and leaves nothing behind: no module-level cache holds the partial model,
 the state dict is dropped, and the GPU cache is emptied.
@@ -29,21 +25,18 @@ import comfy.sd
 import comfy.utils
 import torch
 
+from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header
 from ..quant.errors import CheckpointError
-from ..quant.families import default_ignore_text, detect_family
 from ..quant.formats import FORMATS, get_format
-from ..quant.safetensors_header import classify_checkpoint, lazy_state_dict, read_header
-from ..quant.selection import build_plan, linears_from_shapes
+from ..quant.matmul.registry import choose_backend
+from ..quant.models import detect_family
+from ..quant.selection.plan import linears_from_shapes
+from ..quant.selection.user_text import plan_from_text
 from .ops import make_ops
 from .report import LayerRecord, LoadReport
 
 log = logging.getLogger(__name__)
 
-AUTO_MARKER = "# auto"
-AUTO_IGNORE_TEXT = (
-    "# auto: per-model defaults (write patterns below this line to add to them;"
-    " clear the field to quantize everything eligible)\n"
-)
 NO_QUANTIZATION = "none"
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -52,19 +45,6 @@ def quantization_choices() -> list[str]:
     """Choices of the loader's `quantization` input: the main formats first, then `none`, then variants."""
     main = [f for f in ("fp8_e4m3fn", "mxfp4") if f in FORMATS]
     return main + [NO_QUANTIZATION] + [f for f in FORMATS if f not in main]
-
-
-def resolve_ignore_text(text: str | None, family: str, names: list[str]) -> tuple[str | None, bool]:
-    """(text to give build_plan, whether the family defaults are used). See the module docstring."""
-    if text is None:
-        return None, True
-    stripped = text.strip()
-    if stripped.lower().startswith(AUTO_MARKER):
-        extra = "\n".join(stripped.splitlines()[1:]).strip()
-        if not extra:
-            return None, True
-        return default_ignore_text(family, names) + extra + "\n", True
-    return text, False
 
 
 def _shapes(sd: dict) -> dict[str, tuple[int, ...]]:
@@ -87,11 +67,7 @@ def _release_pinned() -> None:
 
 
 def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str, str]:
-    """(backend name, reason) from quant.backends, or ("", why not) when A's module is absent."""
-    try:
-        from ..quant.backends import choose_backend
-    except ImportError:
-        return "reference", "quant.backends not available"
+    """(backend name, reason) that the matmul registry picks for this format on this device."""
     try:
         c = choose_backend(format_name, device, compute)
     except Exception as e:  # a backend probe must never fail the load; the matmul decides later
@@ -117,7 +93,7 @@ def load_quantized(
     quantization: a key of quant.formats.FORMATS (or alias), or "none" for a plain load.
     compute_dtype: "auto" (ComfyUI's choice for the device), "bf16", "fp16" or "fp32".
     family: override detection ("zimage", "wan21", "wan22_5b", "generic", ...).
-    compute: activation mode for the quantized matmul ("auto" lets quant.backends decide).
+    compute: activation mode for the quantized matmul ("auto" lets quant.matmul.registry decide).
     keep_sensitive: also keep in bf16 the planned layers with the worst estimated weight SQNR
         ("worst 5%", "below 20 dB", "max 12 GB"; quant.quality.plan_with_sensitivity); the
         chosen layers are listed in the report as lines to paste into the ignored layers.
@@ -134,7 +110,7 @@ def load_quantized(
     prequantized_note = None
     header = None
     if unet_path.lower().endswith((".safetensors", ".sft")):
-        # Validate the header first (G's strict reader): LFS pointers, HTML pages, truncated or
+        # Validate the header first: LFS pointers, HTML pages, truncated or
         # malformed files get an error naming the file and what it is, before ComfyUI reads it.
         header = read_header(unet_path)
         kind = classify_checkpoint(header)
@@ -151,7 +127,7 @@ def load_quantized(
                 plain = True
     try:
         if header is not None and prequantized_note is None and not kind.prequantized:
-            # Tensors read with pread when each layer loads (G's lazy_state_dict): no mmap, so a
+            # Tensors read with pread when each layer loads (lazy_state_dict): no mmap, so a
             # file truncated mid-load raises CheckpointError instead of SIGBUS killing ComfyUI,
             # and host RAM holds about one bf16 tensor beyond the (quantized) model.
             sd, metadata = lazy_state_dict(unet_path, header), header.metadata
@@ -178,9 +154,7 @@ def load_quantized(
         model_options["dtype"] = dtype
     ops = None
     if not plain:
-        names = [li.name for li in layers]
-        text, _ = resolve_ignore_text(ignore_text, fam, names)
-        plan = build_plan(layers, quantization, text, fam, min_out_features)
+        plan, _ = plan_from_text(layers, quantization, ignore_text, fam, min_out_features)
         if keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
             from ..quant.quality import plan_with_sensitivity
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..quant.selection.user_text import AUTO_IGNORE_TEXT
 from . import names
-from .loader import AUTO_IGNORE_TEXT, COMPUTE_DTYPES, load_quantized, quantization_choices
+from .loader import COMPUTE_DTYPES, load_quantized, quantization_choices
 
 
 class OnlineQuantDiffusionLoader(io.ComfyNode):

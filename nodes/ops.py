@@ -11,13 +11,13 @@ one), quantized there, and only the packed result is kept, on the device the mod
 the high-precision copy is dropped at once, so at most one layer's worth of extra memory exists
 at a time.
 
-Rules (DESIGN.md §2, ComfyUI's LoRA / lowvram contract):
+Rules:
 - the module is a `CastWeightBiasOp`; the parameter is called `weight` and holds a comfy-kitchen
   `QuantizedTensor` (see nodes/layouts.py), so LoRA keys, `.to()`, pinning and clones work;
 - `convert_weight` dequantizes, `set_weight` requantizes (also with `inplace_update=True`);
 - `forward` with `comfy_cast_weights` (lowvram) or weight/bias functions (LoRA while offloaded)
   goes through `cast_bias_weight(..., offloadable=True)` / `uncast_bias_weight`;
-  otherwise it runs `quant.linear.quantized_linear` on the packed weight.
+  otherwise it runs `quant.matmul.linear.quantized_linear` on the packed weight.
 - A NaN/Inf weight is an error naming the layer (`NonFiniteWeightError`): a corrupt checkpoint
   must not silently turn into a model that renders black frames.
 - Out of memory while quantizing a layer frees what was taken and raises
@@ -38,7 +38,8 @@ from comfy.ops import CastWeightBiasOp, cast_bias_weight, run_every_op, uncast_b
 from comfy.quant_ops import QuantizedTensor
 
 from ..quant.errors import CheckpointError, NonFiniteWeightError, QuantizationOOMError
-from ..quant.linear import quantized_linear
+from ..quant.matmul.linear import quantized_linear
+from ..quant.quality import quantized_weight_sqnr_db
 from .layouts import (
     as_quantized_weight,
     is_online_quant,
@@ -51,17 +52,8 @@ from .report import LayerRecord
 log = logging.getLogger(__name__)
 
 
-def _weight_sqnr_fn():
-    """H's per-weight SQNR helper when present (quant/quality.py), else None."""
-    try:
-        from ..quant.quality import quantized_weight_sqnr_db
-    except ImportError:
-        return None
-    return quantized_weight_sqnr_db
-
-
 def _to_quantize_device(weight: torch.Tensor, qdev: torch.device) -> torch.Tensor:
-    """`weight` on the quantization device. A lazily read weight (quant.safetensors_header) bound
+    """`weight` on the quantization device. A lazily read weight (quant.checkpoint) bound
     for a CUDA GPU is read straight into pinned host memory (one positioned read, no pageable
     temporary) and copied with `non_blocking=True`: the quantizer's kernels queue behind the copy
     on the same stream, and PyTorch's caching host allocator keeps the pinned block until the
@@ -80,7 +72,7 @@ def _to_quantize_device(weight: torch.Tensor, qdev: torch.device) -> torch.Tenso
 class LoadState:
     """Everything one load needs and records; one instance per `make_ops` call."""
 
-    plan: Any  # quant.selection.QuantPlan
+    plan: Any  # quant.selection.plan.QuantPlan
     format: str
     compute: str = "auto"
     quantize_device: torch.device | None = None
@@ -135,7 +127,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 f"{(self.out_features, self.in_features)}"
             )
         if not isinstance(weight, QuantizedTensor) and not weight.is_floating_point():
-            raise CheckpointError(  # G (issue 6): an integer weight reached the quantizer as a TypeError
+            raise CheckpointError(  # an integer weight reached the quantizer as a TypeError
                 f"layer {name!r}: weight dtype {weight.dtype} is not a floating-point type, so it does "
                 "not fit this model (an integer-quantized or damaged checkpoint?)"
             )
@@ -191,10 +183,8 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 ) from None
             sqnr = None
             if state.record_sqnr:
-                fn = _weight_sqnr_fn()
-                if fn is not None:
-                    # 256 evenly spaced rows: exact per row (row-local formats), ~1% of the quantization
-                    sqnr = float(fn(w, as_quantized_weight(qt)))
+                # 256 evenly spaced rows: exact per row (row-local formats), ~1% of the quantization
+                sqnr = float(quantized_weight_sqnr_db(w, as_quantized_weight(qt)))
             qt = qt.to(device=target)
         except torch.OutOfMemoryError:
             w = None
@@ -312,13 +302,13 @@ def make_ops(
 ) -> type:
     """A fresh ops class for one load (pass as `model_options["custom_operations"]`).
 
-    plan: quant.selection.QuantPlan (names relative to diffusion_model).
+    plan: quant.selection.plan.QuantPlan (names relative to diffusion_model).
     compute_dtype: unused by the Linear (it follows the model's dtype) and kept for the
         contract; the rest of the model follows comfy.ops.manual_cast.
     quantize_device: where layers are quantized; default: ComfyUI's torch device when it is a
         GPU, else the CPU.
     record_sqnr: measure each quantized weight's SQNR (quant.quality.quantized_weight_sqnr_db on
-        256 sampled rows: ~1% of the quantization on CPU, see `python -m quant.quality_bench
+        256 sampled rows: ~1% of the quantization on CPU, see `python -m quant.bench.quality
         --overhead`); default on.
     """
     register_layouts()

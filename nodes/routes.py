@@ -1,6 +1,6 @@
 """Server route for the web preview: `GET /onlinequant/plan` (also `/api/onlinequant/plan`).
 
-GET only (issue 6): the preview reads and changes nothing but a small in-memory cache. Ignore texts
+GET only: the preview reads and changes nothing but a small in-memory cache. Ignore texts
 too long for a URL are not previewed (the web extension says so; the loader reads them whole).
 
 It answers "what would the loader do with this file?" from the safetensors header alone: the
@@ -9,7 +9,7 @@ one of ComfyUI's `diffusion_models` file names, exactly as `/object_info` lists 
 else (paths, `..`, absolute names) reaches the filesystem.
 
 Query: model=<diffusion_models name>, format=<the loader's `quantization` choice>,
-ignore=<ignored-layers text, read as the loader reads it (nodes/loader.py resolve_ignore_text)>,
+ignore=<ignored-layers text, read as the loader reads it (quant/selection/user_text.py)>,
 min_out=<int, default 256>. The body is `QuantPlan.to_dict()` plus model, family, default_ignore,
 counts.kept_by_source, header and errors.
 Every failure is a JSON body `{"error": ...}` with a 4xx status, never a 500: a preview must
@@ -35,7 +35,7 @@ ROUTE = "/onlinequant/plan"
 MAX_HEADER_BYTES = 8 * 1024 * 1024  # a 30 GB Wan 14B header is ~150 KB; more is not a model
 MAX_IGNORE_CHARS = 64 * 1024
 MAX_CONCURRENT = 2  # header parses running at once
-MAX_WAITING = 64  # requests queued behind them before 429 (32 concurrent previews must all answer; issue 6)
+MAX_WAITING = 64  # requests queued behind them before 429 (32 concurrent previews must all answer)
 CACHE_ENTRIES = 16
 DEFAULT_MIN_OUT = 256
 MAX_MIN_OUT = 1 << 20
@@ -88,10 +88,10 @@ def _model_path(name: str) -> str:
 
 def _read_header_info(path: str, name: str) -> HeaderInfo:
     """Parse the header (worker thread), capped at MAX_HEADER_BYTES; cached by (path, mtime, size)."""
+    from ..quant.checkpoint import read_header
     from ..quant.errors import CheckpointError, HeaderTooLargeError
-    from ..quant.families import detect_family
-    from ..quant.safetensors_header import read_header
-    from ..quant.selection import linears_from_shapes
+    from ..quant.models import detect_family
+    from ..quant.selection.plan import linears_from_shapes
 
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
@@ -103,10 +103,10 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
     try:
         header = read_header(path, max_header_bytes=MAX_HEADER_BYTES)
     except HeaderTooLargeError as e:
-        raise RouteError(413, f"{name}: {getattr(e, 'reason', e)}") from None
+        raise RouteError(413, f"{name}: {e.reason}") from None
     except CheckpointError as e:
         # e.reason is the message without the server-side path (never echo paths to the page)
-        raise RouteError(422, f"{name}: {getattr(e, 'reason', e)}") from None
+        raise RouteError(422, f"{name}: {e.reason}") from None
     shapes = header.shapes()
     layers = tuple(linears_from_shapes(shapes))
     family = detect_family(list(shapes), shapes)
@@ -125,9 +125,9 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
 def _plan_json(info: HeaderInfo, name: str, fmt: str, ignore: str | None, min_out: int) -> dict:
     """The plan as the loader would build it (same ignore-text rules, same build_plan)."""
     from ..quant.errors import PatternError
-    from ..quant.families import default_ignore_text
-    from ..quant.selection import build_plan
-    from .loader import NO_QUANTIZATION, resolve_ignore_text
+    from ..quant.models import default_ignore_text
+    from ..quant.selection.user_text import plan_from_text
+    from .loader import NO_QUANTIZATION
 
     names = [li.name for li in info.layers]
     extra = {
@@ -158,8 +158,7 @@ def _plan_json(info: HeaderInfo, name: str, fmt: str, ignore: str | None, min_ou
             ],
         }
     try:
-        text, uses_defaults = resolve_ignore_text(ignore, info.family, names)
-        plan = build_plan(list(info.layers), fmt, text, info.family, min_out)
+        plan, uses_defaults = plan_from_text(info.layers, fmt, ignore, info.family, min_out)
     except PatternError as e:
         raise RouteError(400, str(e), kind="pattern", format=fmt, **extra) from None
     except (ValueError, KeyError) as e:  # unknown format and other bad parameters

@@ -8,7 +8,7 @@
 - ``python -m quant plan FILE.safetensors --format mxfp4 --ignore TEXT|@file`` prints the plan
   of a checkpoint from its header only; ``--measure`` streams the weights one tensor at a time
   and adds each quantized layer's weight SQNR (dB). ``--reference zimage`` plans a full-size
-  model from its known layer shapes (DESIGN.md §3) without any file.
+  model from its known layer shapes without any file.
 
 User errors (bad pattern, unreadable file, unknown format) print one message and exit 2.
 """
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from .errors import OnlineQuantError
-from .families import default_ignore_text, describe_model, detect_family, family_choices, get_family
-from .selection import (
+from .models import default_ignore_text, describe_model, detect_family, family_choices, get_family
+from .selection.plan import (
     LinearInfo,
     QuantPlan,
     build_plan,
@@ -35,6 +35,7 @@ from .selection import (
     linears_from_module,
     linears_from_shapes,
 )
+from .selection.user_text import plan_from_text
 
 EXIT_USAGE = 2
 
@@ -54,7 +55,7 @@ class _QuantLinear(torch.nn.Module):
         self.qw, self.bias, self.compute = qw, bias, compute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .linear import quantized_linear
+        from .matmul.linear import quantized_linear
 
         return quantized_linear(x, self.qw, self.bias, self.compute)
 
@@ -91,9 +92,10 @@ def _fmt_bytes(n: int) -> str:
 def run_demo(args: argparse.Namespace, out=print) -> dict:
     """The embedded default. Returns the numbers it printed (tests and notes use them)."""
     from . import quality
-    from .backends import choose_backend
+    from .bench.toy_model import build_toy_zimage, toy_inputs
     from .formats import get_format
-    from .toy_model import build_toy_zimage, reference_linears, toy_inputs
+    from .matmul.registry import choose_backend
+    from .selection.plan import reference_linears
 
     t_start = time.perf_counter()
     device = _pick_device(args.device)
@@ -128,7 +130,7 @@ def run_demo(args: argparse.Namespace, out=print) -> dict:
         if i == 0:
             out("")
             out(
-                f"plan for full-size Z-Image ({len(full)} Linear layers, shapes of DESIGN.md §3), "
+                f"plan for full-size Z-Image ({len(full)} Linear layers, shapes of the published configs), "
                 "default ignore list:"
             )
             out(_indent(full_plan.summary()))
@@ -215,7 +217,7 @@ def _read_ignore(value: str | None) -> str | None:
 
 def _plan_inputs(args) -> tuple[list[LinearInfo], dict, str, object]:
     """(layers, shapes, description, header or None) for a file or a --reference model."""
-    from .toy_model import REFERENCE_MODELS, reference_shapes
+    from .models import REFERENCE_MODELS, reference_shapes
 
     if args.reference:
         if args.reference not in REFERENCE_MODELS:
@@ -226,12 +228,12 @@ def _plan_inputs(args) -> tuple[list[LinearInfo], dict, str, object]:
         return (
             linears_from_shapes(shapes),
             shapes,
-            f"reference {args.reference} (shapes of DESIGN.md §3)",
+            f"reference {args.reference} (shapes of the published configs)",
             None,
         )
     if not args.file:
         raise UserError("plan: give a .safetensors FILE (or --reference MODEL)")
-    from .safetensors_header import classify_checkpoint, read_header
+    from .checkpoint import classify_checkpoint, read_header
 
     header = read_header(args.file)
     kind = classify_checkpoint(header)
@@ -249,7 +251,7 @@ def run_plan(args: argparse.Namespace, out=print) -> QuantPlan:
     family = detect_family(shapes, shapes) if args.family == "auto" else args.family
     get_family(family)  # validate early
     ignore = _read_ignore(args.ignore)
-    plan = build_plan(layers, args.format, ignore, family=family, min_out_features=args.min_out)
+    plan, _ = plan_from_text(layers, args.format, ignore, family, args.min_out)
     sqnr: dict[str, float] = {}
     if args.measure:
         sqnr = _measure(args.file, header, plan, args.device)
@@ -283,9 +285,9 @@ def run_plan(args: argparse.Namespace, out=print) -> QuantPlan:
 
 def _measure(path: str, header, plan: QuantPlan, device_name: str) -> dict[str, float]:
     """Per-layer weight SQNR, streaming: one tensor of the file in memory at a time."""
+    from .checkpoint import iter_tensors
     from .formats import get_format
-    from .patterns import strip_prefix
-    from .safetensors_header import iter_tensors
+    from .selection.patterns import strip_prefix
 
     device = _pick_device(device_name)
     fmt = get_format(plan.format)

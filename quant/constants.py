@@ -1,7 +1,7 @@
 """Numeric constants of the formats, each with the place it comes from.
 
 OCP MX v1.0 = "OCP Microscaling Formats (MX) Specification v1.0" (Sept 2023), sections 5.1-5.3
-and 6.3; DESIGN §5 = section 5 of the project's shared design notes (format facts).
+and 6.3; AMD AITER's dynamic_mxfp4_quant for its scale rounding.
 """
 
 from __future__ import annotations
@@ -9,20 +9,18 @@ from __future__ import annotations
 import torch
 
 # --- FP8 (OCP 8-bit floating point, e4m3 variants) -------------------------------------------
-# Largest finite e4m3fn value: S.1111.110 = 1.75 * 2^8 (the all-ones pattern is NaN). DESIGN §5.
+# Largest finite e4m3fn value: S.1111.110 = 1.75 * 2^8 (the all-ones pattern is NaN).
 FP8_E4M3FN_MAX = 448.0
 # e4m3fnuz (MI300 / gfx942): bias 8 instead of 7 and no negative zero, so its max is 1.875 * 2^7.
-# DESIGN §5 ("MI300 uses e4m3fnuz (max 240)").
 FP8_E4M3FNUZ_MAX = 240.0
 FP8_MAX = {torch.float8_e4m3fn: FP8_E4M3FN_MAX, torch.float8_e4m3fnuz: FP8_E4M3FNUZ_MAX}
 
 # amax is clamped to at least this before dividing by it, so an all-zero row/token gets a finite
-# scale instead of 0/0 (DESIGN §8, "clamp amax to at least a tiny positive value"; torchao and
-# sglang use the same 1e-12).
+# scale instead of 0/0.
 AMAX_EPS = 1e-12
 
 # --- MXFP4 (OCP MX v1.0) ----------------------------------------------------------------------
-# Block size k = 32 elements share one scale (OCP MX v1.0 §5.2, Table 1; DESIGN §5).
+# Block size k = 32 elements share one scale (OCP MX v1.0 §5.2, Table 1).
 MX_BLOCK_SIZE = 32
 # E8M0 scale: 8 exponent bits, bias 127, no sign, no mantissa; 0xFF encodes NaN, there is no zero
 # (OCP MX v1.0 §5.4.1). Representable scales are 2^-127 .. 2^127.
@@ -40,11 +38,11 @@ E2M1_SIGN_BIT = 0x8
 # floor(log2(E2M1_MAX)) = 2: the shared exponent is floor(log2(amax)) - 2 (OCP MX v1.0 §6.3).
 E2M1_EMAX = 2
 
-# Bits per MXFP4 weight: 4 data bits + one 8-bit scale per 32 elements = 4.25 (DESIGN §5).
+# Bits per MXFP4 weight: 4 data bits + one 8-bit scale per 32 elements = 4.25.
 MXFP4_BITS_PER_WEIGHT = 4 + 8 / MX_BLOCK_SIZE
 
 # AITER dynamic_mxfp4_quant rounds amax's fp32 bit pattern before taking its exponent: add
 # 2^21 (half of the mantissa's top bit) and keep sign+exponent. A mantissa >= 1.75 thus carries
-# into the next exponent (DESIGN §5; issue 2).
+# into the next exponent.
 AITER_AMAX_ROUND_ADD = 0x200000
 AITER_AMAX_MASK = 0xFF800000

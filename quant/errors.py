@@ -13,7 +13,15 @@ class PatternError(OnlineQuantError, ValueError):
 
 
 class CheckpointError(OnlineQuantError, ValueError):
-    """A checkpoint file is unreadable, malformed, or does not fit the architecture."""
+    """A checkpoint file is unreadable, malformed, or does not fit the architecture.
+
+    `path` is the file and `reason` the message without it (for a web route that must not echo
+    server paths); both None when the error is not about one file."""
+
+    def __init__(self, message: str, *, path: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason if reason is not None else message
 
 
 class NonFiniteWeightError(OnlineQuantError, ValueError):
@@ -42,3 +50,14 @@ class AttentionUnsupportedError(OnlineQuantError, ValueError):
 class SensitivityRuleError(OnlineQuantError, ValueError):
     """The loader's `keep_sensitive` text can't be read ('worst 5%', 'below 20 dB', 'max 12 GB');
     the message quotes the part at fault and the accepted forms."""
+
+
+class UnknownFormatError(OnlineQuantError, ValueError):
+    """A quantization format name that is not registered; `known` lists the registered names."""
+
+    def __init__(self, name: object, known: list[str], aliases: list[str]) -> None:
+        self.name, self.known, self.aliases = name, tuple(known), tuple(aliases)
+        super().__init__(
+            f"unknown quantization format {name!r}; known formats: {', '.join(known)}; "
+            f"aliases: {', '.join(aliases)}"
+        )

@@ -30,8 +30,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .checkpoint import DTYPE_BITS, read_header_bytes
 from .errors import CheckpointError, PatternError
-from .safetensors_header import DTYPE_BITS, read_header_bytes
 
 _NAME_PARTS = ["blocks", "0", "1", "17", "self_attn", "q", "k", "ffn", "weight", "bias", "norm",
                "layers", "attention", "qkv", "w1", "__metadata__", "", "é", "\u0000", "名", "a b", "💥"]
@@ -254,7 +254,7 @@ def random_pattern_text(rng: random.Random) -> str:
 
 
 def check_pattern_input(text: str, names: list[str], stats: FuzzStats) -> None:
-    from .patterns import PatternSet, parse_patterns
+    from .selection.patterns import PatternSet, parse_patterns
 
     stats.inputs += 1
     try:

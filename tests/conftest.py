@@ -7,6 +7,7 @@ skip with the reason when none is found.
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -16,6 +17,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_MODULE = "comfyui_online_quant"
+
+# unit/ needs no ComfyUI, comfy/ imports a real one, e2e/ drives a real server (and Chromium);
+# support/ holds the helpers they share, scripts/ the generators and measurement scripts.
+for _sub in ("support", "scripts"):
+    if str(Path(__file__).parent / _sub) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent / _sub))
 
 
 def find_comfyui() -> tuple[Path | None, str]:
@@ -68,10 +75,33 @@ def comfyui_path() -> Path:
     return _import_comfy_or_skip()
 
 
+class _QuantAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`comfyui_online_quant.quant.X` is the very module `quant.X` that the unit tests import, so
+    one process holds one copy of the library: one format registry, one backend registry, one
+    definition of each torch.library op (ComfyUI itself imports the pack once, by file location)."""
+
+    prefix = f"{PACK_MODULE}.quant"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.prefix or fullname.startswith(self.prefix + "."):
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        module = importlib.import_module("quant" + spec.name[len(self.prefix) :])
+        self._spec = module.__spec__  # importlib sets __spec__ on what we return: put it back after
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__spec__ = self._spec
+
+
 def import_pack():
     """Import this repo as a package, as ComfyUI's custom-node loader does (by file location)."""
     if PACK_MODULE in sys.modules:
         return sys.modules[PACK_MODULE]
+    if not any(isinstance(f, _QuantAlias) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuantAlias())
     spec = importlib.util.spec_from_file_location(
         PACK_MODULE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
     )
@@ -93,7 +123,7 @@ def comfy_server(comfyui_path, tmp_path_factory):
 
     Isolated base directory (models, custom_nodes, user, db) under a temp dir; models go in
     `comfy_server.models_dir / "diffusion_models"` etc. (ComfyUI rescans folders when they change).
-    Stopped by PID at the end of the session. See tests/comfy_server.py.
+    Stopped by PID at the end of the session. See tests/support/comfy_server.py.
     """
     from comfy_server import start_comfy_server
 

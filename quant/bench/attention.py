@@ -1,4 +1,4 @@
-"""Attention section of `python -m quant.bench` (issue 8): PyTorch SDPA as ComfyUI calls it
+"""Attention section of `python -m quant.bench`: PyTorch SDPA as ComfyUI calls it
 (cuDNN on Hopper), SDPA forced to FlashAttention-2, flash_attn if installed, and this pack's 8-bit
 attention in its modes, side by side at Z-Image 30×4352, Wan 5B 24×27280 and Wan 14B 40×32760
 (B=1, D=128, random inputs). Time (median, CUDA events), TFLOP/s, speed-up over default SDPA,
@@ -10,7 +10,7 @@ and relative L2 error against bf16 SDPA on three inputs:
   softmax; a stress test).
 
 Also runnable alone: `python -m quant.bench.attention [--tune] [--quick] [--out DIR]`.
-Hook for model-level benches: `quant.attention.comfy_fp8_attention` has ComfyUI's attention
+Hook for model-level benches: `quant.attention.fp8.comfy_fp8_attention` has ComfyUI's attention
 signature; set it as `transformer_options["optimized_attention_override"]` through
 `override_for_bench()` below.
 """
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ..attention import attention_flops, comfy_fp8_attention, fp8_attention
+from ..attention.fp8 import attention_flops, comfy_fp8_attention, fp8_attention
 from ..kernels.fp8_attention import AttnConfig, default_config, fp8_attention_triton
 from .timing import bench_ms, env_info, rel_l2
 
 log = logging.getLogger(__name__)
 
-# (model, heads, tokens); B=1, D=128 (DESIGN §4)
+# (model, heads, tokens); B=1, D=128
 SHAPES = [("zimage", 30, 4352), ("wan22_5b", 24, 27280), ("wan_14b", 40, 32760)]
 QUICK_SHAPES = [("tiny", 2, 80)]
 MODES = {  # name -> fp8_attention_triton kwargs (K scale per token, or per block of block_n)
@@ -240,7 +240,7 @@ def _prepass_only(q, k, v, v_fp8: bool):
 def check(device: torch.device, modes=None) -> list[dict]:
     """Kernel against its reference (fp32 emulation) on this device: every mode, both layouts,
     D 64/128/256, lengths that are not block multiples, LQ != LK. Also the fp32 SDPA error."""
-    from ..attention import fp8_attention_reference
+    from ..attention.fp8 import fp8_attention_reference
 
     rows = []
     cases = [(128, mode) for mode in (modes or MODES)]

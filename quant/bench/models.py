@@ -7,7 +7,7 @@ This is the one module under quant/ that imports ComfyUI and the pack's nodes/ (
 functions): it is a benchmark of the pack inside ComfyUI, not library code. Quantized models are
 built exactly as the loader node builds them: `nodes.ops.make_ops(plan)` as the model's
 operations, the bf16 state dict loaded through `load_state_dict` (quantization happens in each
-Linear's `_load_from_state_dict`), the plan from `quant.selection.build_plan` with the family's
+Linear's `_load_from_state_dict`), the plan from `quant.selection.plan.build_plan` with the family's
 default ignored layers.
 """
 
@@ -29,7 +29,7 @@ from .timing import rel_l2
 log = logging.getLogger(__name__)
 PACK = "comfyui_online_quant"
 
-# ---------------------------------------------------------------- model configs (DESIGN.md §2-3)
+# ---------------------------------------------------------------- model configs
 ZIMAGE = dict(
     patch_size=2,
     in_channels=16,
@@ -234,8 +234,8 @@ def _aliased(model: torch.nn.Module, src_ptrs: set[int]) -> int:
 def _attention_override():
     """The attention node's FP8 attention as a ComfyUI override (None when not available)."""
     try:
-        attn = _pack("quant.attention")
-    except Exception as e:  # E's module missing or broken: reported as skipped
+        attn = _pack("quant.attention.fp8")
+    except Exception as e:  # the FP8 attention module missing or broken: reported as skipped
         log.warning("FP8 attention not available: %s", e)
         return None
 
@@ -253,7 +253,7 @@ def _build(name: str, quick: bool, ops, device) -> torch.nn.Module:
 
 
 def _plan(sd_shapes: dict, fmt: str, family: str, ignore):
-    sel = _pack("quant.selection")
+    sel = _pack("quant.selection.plan")
     return sel.build_plan(sel.linears_from_shapes(sd_shapes), fmt, ignore, family=family)
 
 

@@ -67,7 +67,7 @@ def build_paths(
     if include_compiled and x_example.device.type == "cuda":
         compiled = torch.compile(fp8_gemm.fp8_linear_traceable, dynamic=False)
         paths["ours_fp8_compiled"] = (lambda x: compiled(x, wq, ws, b), nb8)
-    from ..linear import quantized_linear
+    from ..matmul.linear import quantized_linear
 
     paths["ours_fp8_auto"] = (lambda x: quantized_linear(x, qw8, b), nb8)
 

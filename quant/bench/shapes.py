@@ -1,4 +1,4 @@
-"""The token-wise Linear shapes of Z-Image-Turbo, Wan 2.2 TI2V 5B and Wan 14B (DESIGN.md §3),
+"""The token-wise Linear shapes of Z-Image-Turbo, Wan 2.2 TI2V 5B and Wan 14B,
 as (model, layers, K = in_features, N = out_features). Layers that run on one timestep vector
 (adaLN, time embeddings) or on the short text context are left out: their GEMMs are tiny."""
 
@@ -18,7 +18,7 @@ LINEAR_SHAPES: list[tuple[str, str, int, int]] = [
 ]
 
 # Tokens per step: Z-Image 1024x1024 is 4096 image + text tokens; Wan 5B 1280x704x121 is 27280;
-# Wan 14B 1280x720x81 is 75600 (32760 = 720p-ish 14B at fewer frames, DESIGN.md §6).
+# Wan 14B 1280x720x81 is 75600 (32760 = 720p-ish 14B at fewer frames).
 DEFAULT_M = (4096, 32760)
 
 QUICK_SHAPES: list[tuple[str, str, int, int]] = [

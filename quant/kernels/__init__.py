@@ -58,15 +58,3 @@ def finish_linear(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Te
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _register_backends() -> None:
-    # quant/backends.py imports this package as its plug-in seam; registering is idempotent
-    # (the same Backend records), so a second import of the pack is harmless.
-    from . import ops  # noqa: F401  (torch.library ops of the kernels, guarded)
-    from .registry import register
-
-    register()
-
-
-_register_backends()

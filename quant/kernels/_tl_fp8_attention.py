@@ -1,4 +1,4 @@
-"""Triton sources of the 8-bit attention kernels (issue 8). Imported only when a kernel runs;
+"""Triton sources of the 8-bit attention kernels. Imported only when a kernel runs;
 quant/kernels/fp8_attention.py holds the launcher and the explanation of the scheme."""
 
 import triton

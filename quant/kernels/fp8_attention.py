@@ -1,4 +1,4 @@
-"""Triton 8-bit attention for Hopper/Ada (issue 8): a stats pass and a K/V quantization
+"""Triton 8-bit attention for Hopper/Ada: a stats pass and a K/V quantization
 pass, then a FlashAttention-style forward with 8-bit Q·Kᵀ and FP8 (or bf16) P·V.
 
 What is quantized, and why (quant/attention.py holds the plain-PyTorch twin, `fp8_attention_reference`):

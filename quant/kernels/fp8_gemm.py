@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import AMAX_EPS as EPS
+from ..formats.fp8 import fp8_max
 from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
-from .fp8_quant import EPS, fp8_max, quantize_fp8_per_token, quantize_fp8_per_token_reference
+from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
 
 ACT_GROUP = 128  # activation scale granularity of the fused kernel (1 x 128, DeepGEMM's choice)
 

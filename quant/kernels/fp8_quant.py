@@ -2,7 +2,7 @@
 
 x [..., K] (bf16/fp16/fp32) -> q [..., K] fp8, scale fp32 [..., 1] with x ~= q * scale.
 scale = max(amax_row, EPS) / fp8_max; q = saturate(x * (1 / scale)): the arithmetic of
-quant.fp8.quantize_activation. The kernel and the reference compute exactly these fp32
+quant.formats.fp8.quantize_activation. The kernel and the reference compute exactly these fp32
 operations, so they agree bit for bit.
 """
 
@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import AMAX_EPS as EPS  # amax floor: an all-zero row gets q = 0, never NaN
+from ..formats import fp8
+from ..formats.fp8 import fp8_max
 from . import can_run_triton, flat_rows, interpreting, triton_cdiv
-
-EPS = 1e-12  # amax floor: an all-zero row gets scale EPS/fp8_max and q = 0, never NaN (DESIGN §8)
-
-
-def fp8_max(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).max)
 
 
 def quantize_fp8_per_token_reference(
     x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fmax = fp8_max(dtype)
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / fmax
-    q = (xf * (1.0 / scale)).clamp(-fmax, fmax).to(dtype)
-    return q, scale
+    """The kernel's reference, with its signature: the format's own per-token activation
+    quantization (quant.formats.fp8.quantize_activation), which the kernel matches bit for bit."""
+    return fp8.quantize_activation(x, dtype)
 
 
 def _launch_config(k: int) -> tuple[int, int, int]:

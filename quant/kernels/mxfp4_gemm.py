@@ -1,6 +1,6 @@
 """MXFP4-weight linear paths for GPUs without FP4 tensor cores (Triton), with references.
 
-Weights as quant/mxfp4.py stores them (OCP MX v1.0): codes uint8 [N, K/2] (two E2M1 codes per
+Weights as quant/formats/mxfp4.py stores them (OCP MX v1.0): codes uint8 [N, K/2] (two E2M1 codes per
 byte, even element in the low nibble), scales uint8 E8M0 [N, K/32]. K must be a multiple of 32.
 
 - `mxfp4_linear_w4a16`: decode in registers (hand-written), bf16 tensor cores.
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import E2M1_VALUES
 from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
 from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
-
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def decode_mxfp4_reference(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import NAMESPACE, _op_exists
+from ..matmul.op import NAMESPACE, _op_exists
 from . import fp8_gemm, fp8_quant, mxfp4_gemm
 
 _FP8 = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}

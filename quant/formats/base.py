@@ -1,0 +1,157 @@
+"""What every weight format is and the registry of formats.
+
+A format is a registered `WeightFormat` object: everything format-specific lives on it
+(`quantize`, `dequantize`, `packed_nbytes`, `unsupported_reason`, `kind`, `computes`,
+`quantize_activation_values`). Other modules never branch on a format's name: they call
+`get_format(name)` and use its fields and methods. A format module (fp8.py, mxfp4.py) defines its
+class and calls `register_format` for each of its variants; adding a format is a new module plus
+one import in `quant/formats/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UnknownFormatError
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: identity semantics; comparing tensors has no single truth
+class QuantizedWeight:
+    """A quantized Linear weight: logical shape (N, K) = (out_features, in_features)."""
+
+    format: str  # a key of FORMATS
+    qdata: torch.Tensor  # fp8 [N, K] or uint8 codes [N, K//2]
+    scale: torch.Tensor  # fp32 [N, 1] (fp8 channel) / [] (fp8 tensor) / uint8 E8M0 [N, K//32] (mxfp4)
+    shape: tuple[int, int]  # logical (N, K)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held (data + scales)."""
+        return self.qdata.numel() * self.qdata.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedWeight:
+        """A copy on another device (a new object; the format and shape are unchanged)."""
+        return QuantizedWeight(
+            self.format,
+            self.qdata.to(device, non_blocking=non_blocking),
+            self.scale.to(device, non_blocking=non_blocking),
+            self.shape,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return get_format(self.format).dequantize(self, dtype)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Base of a weight format. `kind` ("fp8" / "mxfp4") selects the torch.library op and backends;
+    `computes` lists the compute modes a quantized_linear may run in, preferred first."""
+
+    name: str
+    bits_per_weight: float
+    min_in_multiple: int
+    kind: str
+    computes: tuple[str, ...]
+    description: str = ""
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_nbytes(self, out_features: int, in_features: int) -> int:
+        raise NotImplementedError
+
+    def dequantize_rows(self, qw: QuantizedWeight, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output channels start:stop of the weight, dequantized to dtype (for chunked matmuls)."""
+        raise NotImplementedError
+
+    def dequantize_rows_unscaled(
+        self, qw: QuantizedWeight, start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows start:stop as fp32 plus the per-output-channel scale still to apply after the
+        accumulation ([rows, 1], [] or None when already applied), as a scaled GEMM would."""
+        return self.dequantize_rows(qw, start, stop, torch.float32), None
+
+    def quantize_activation_values(
+        self, x: torch.Tensor, bits: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Activations x [M, K] as the `w?a{bits}` compute modes of this format see them: the exact
+        low-precision values in fp32, and the per-token scale still to apply after the fp32
+        accumulation ([M, 1], or None when the values already carry it). The reference matmul
+        calls this; each format says which activation precision pairs with it."""
+        raise ValueError(f"{self.name} has no {bits}-bit activation mode (modes: {self.computes})")
+
+    def unsupported_reason(self, out_features: int, in_features: int) -> str | None:
+        """None when a Linear of this shape can be stored in this format, else why not."""
+        if out_features <= 0 or in_features <= 0:
+            return f"empty weight ({out_features}x{in_features})"
+        if in_features % self.min_in_multiple:
+            return (
+                f"in_features {in_features} is not a multiple of {self.min_in_multiple} "
+                f"(required by {self.name})"
+            )
+        return None
+
+    def _check_weight(self, w: torch.Tensor) -> tuple[int, int]:
+        if w.dim() != 2:
+            raise ValueError(f"{self.name}: expected a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+        n, k = w.shape
+        reason = self.unsupported_reason(n, k)
+        if reason:
+            raise ValueError(f"{self.name} cannot store a {n}x{k} weight: {reason}")
+        return n, k
+
+
+FORMATS: dict[str, WeightFormat] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_format(fmt: WeightFormat, *aliases: str) -> WeightFormat:
+    """Add a format (and names that resolve to it) to the registry; a name taken twice is a bug."""
+    for name in (fmt.name, *aliases):
+        if name in FORMATS or name in ALIASES:
+            raise ValueError(f"format name {name!r} is registered twice")
+    FORMATS[fmt.name] = fmt
+    ALIASES.update(dict.fromkeys(aliases, fmt.name))
+    return fmt
+
+
+def get_format(name: str) -> WeightFormat:
+    """The registered format named `name` (or an alias); UnknownFormatError lists the known ones."""
+    key = ALIASES.get(name, name)
+    try:
+        return FORMATS[key]
+    except (KeyError, TypeError):
+        raise UnknownFormatError(name, sorted(FORMATS), sorted(ALIASES)) from None
+
+
+def quantize_weight(w: torch.Tensor, format: str) -> QuantizedWeight:
+    """Shorthand for get_format(format).quantize(w)."""
+    return get_format(format).quantize(w)
+
+
+__all__ = [
+    "ALIASES",
+    "FORMATS",
+    "QuantizedWeight",
+    "WeightFormat",
+    "get_format",
+    "quantize_weight",
+    "register_format",
+]

@@ -1,0 +1,113 @@
+"""The Triton kernels (quant/kernels) as matmul backends; the registry imports this module lazily.
+
+- "triton_fp8": FP8 W8A8 on GPUs with FP8 tensor cores; per shape (tuning.py) either the Triton
+  per-token quantization + `torch._scaled_mm` row-wise, or the fused block-FP8 Triton GEMM.
+- "triton_mxfp4": MXFP4 W4A16 on NVIDIA sm_80+: per shape (tuning.py) decoded into a transient
+  bf16 workspace for cuBLAS (large M) or decoded in registers by a Triton GEMM (small M).
+- "triton_mxfp4_w4a8": MXFP4 weights on FP8 tensor cores (sm_89+), when compute="w4a8" is asked.
+Registration needs no Triton import; `check` says whether Triton is there.
+"""
+
+from __future__ import annotations
+
+from ...formats import WeightFormat
+from ...kernels import ops as _kernel_ops  # noqa: F401  (defines the kernels' torch.library ops)
+from ...kernels import triton_available
+from ...kernels.tuning import choose_fp8_path, choose_mxfp4_path
+from ..registry import Backend, DeviceInfo, register_backend
+from .scaled_mm import scaled_mm_check
+
+
+def _need_triton() -> tuple[bool, str]:
+    if not triton_available():
+        return False, "Triton is not installed (pip install triton)"
+    return True, ""
+
+
+def _fp8_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
+    ok, why = _need_triton()
+    if not ok:
+        return ok, why
+    ok, why = scaled_mm_check(info, fmt)
+    if not ok:
+        return ok, why
+    return True, (
+        f"{info.arch} FP8 tensor cores: Triton per-token activation quantization + "
+        "torch._scaled_mm row-wise, or the fused block-FP8 Triton GEMM, per shape"
+    )
+
+
+def _fp8_run(x, qw, bias, compute):
+    from ...kernels.fp8_gemm import fp8_linear_act_fused, fp8_linear_rowwise
+
+    n, k = qw.shape
+    m = x.numel() // k if k else 0
+    if m == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    if choose_fp8_path(m, n, k) == "fused":
+        return fp8_linear_act_fused(x, qw.qdata, qw.scale, bias)
+    return fp8_linear_rowwise(x, qw.qdata, qw.scale, bias)
+
+
+def _mxfp4_check_for(min_cap: tuple[int, int], what: str):
+    def check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
+        ok, why = _need_triton()
+        if not ok:
+            return ok, why
+        if info.type != "cuda" or info.vendor != "nvidia":
+            return False, f"Triton MXFP4 kernels are built for NVIDIA GPUs, device is {info.describe()}"
+        if info.capability is None or info.capability < min_cap:
+            return False, f"{what} needs sm_{min_cap[0]}{min_cap[1]}+, device is {info.arch}"
+        return True, f"{info.arch}: MXFP4 weights decoded in registers by a Triton GEMM ({what})"
+
+    return check
+
+
+def _mxfp4_run(x, qw, bias, compute):
+    from ...kernels import mxfp4_gemm as mg
+
+    n, k = qw.shape
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    dequant = choose_mxfp4_path(x.numel() // k, n, k) == "dequant"
+    if compute == "w4a8":
+        fn = mg.mxfp4_linear_w4a8_dequant if dequant else mg.mxfp4_linear_w4a8
+    else:
+        fn = mg.mxfp4_linear_w4a16_dequant if dequant else mg.mxfp4_linear_w4a16
+    return fn(x, qw.qdata, qw.scale, bias)
+
+
+BACKENDS = (
+    Backend(
+        "triton_fp8",
+        ("fp8",),
+        ("w8a8",),
+        _fp8_run,
+        _fp8_check,
+        priority=60,
+        package="triton (and a GPU with FP8 tensor cores)",
+    ),
+    Backend(
+        "triton_mxfp4",
+        ("mxfp4",),
+        ("w4a16",),
+        _mxfp4_run,
+        _mxfp4_check_for((8, 0), "bf16 tensor cores"),
+        priority=60,
+        package="triton",
+    ),
+    Backend(
+        "triton_mxfp4_w4a8",
+        ("mxfp4",),
+        ("w4a8",),
+        _mxfp4_run,
+        _mxfp4_check_for((8, 9), "FP8 tensor cores"),
+        priority=55,
+        package="triton",
+    ),
+)
+
+
+for _b in BACKENDS:
+    register_backend(_b)
+del _b

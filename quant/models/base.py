@@ -1,0 +1,200 @@
+"""What a model family is, and the registry of families.
+
+A family module (zimage.py, wan.py, generic.py) holds everything known about one model family:
+its display name, default ignore list (with the reason for each line), fused-layer and alias
+maps, how to recognise it from a checkpoint's tensor names, and the full-size Linear shapes of
+its reference models. It registers itself here; adding a family is a new module plus one import
+in quant/models/__init__.py. The logic that applies a family's tables lives in quant/selection/.
+Layer names are ComfyUI's (without the ``diffusion_model.`` prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import PatternError
+from ..selection.patterns import PatternSet, parse_patterns, strip_prefix
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_ALIASES",
+    "REFERENCE_MODELS",
+    "Family",
+    "FusedLayer",
+    "IgnoreRule",
+    "default_ignore_text",
+    "describe_model",
+    "detect_family",
+    "family_choices",
+    "get_family",
+    "register_family",
+    "shape_of",
+]
+
+
+@dataclass(frozen=True)
+class IgnoreRule:
+    pattern: str
+    reason: str
+    only: str = ""  # the variants that have the layer ("I2V"); empty = every variant
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One Linear that computes several logical projections (e.g. Z-Image's q, k, v).
+
+    ``name`` is the layer's own suffix; each part lists the names that denote it (the first is
+    the canonical one, the others are aliases from other implementations such as diffusers).
+    """
+
+    name: str
+    parts: tuple[tuple[str, ...], ...]
+    why: str
+
+
+@dataclass(frozen=True)
+class Family:
+    key: str
+    display_name: str
+    ignore: tuple[IgnoreRule, ...]
+    fused: tuple[FusedLayer, ...] = ()
+    # (real layer suffix, other names that denote it or a fused group it belongs to). A pattern
+    # that matches an alias selects the real layer: sglang's fused ``w13`` selects ComfyUI's w1
+    # and w3; diffusers' ``attn1.to_q`` selects ComfyUI's ``self_attn.q``.
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    notes: str = ""
+    # One line naming the model a checkpoint holds (its variant, width, depth); None: display_name.
+    describe: Callable[[set[str], Mapping[str, Sequence[int]] | None], str] | None = None
+
+
+# (names, shapes) -> family key or None. Detectors run in registration order; the first answer wins.
+Detector = Callable[[set[str], "Mapping[str, Sequence[int]] | None"], "str | None"]
+# (layer name, out_features, in_features) of a full-size model, in file order.
+LinearShapes = list[tuple[str, int, int]]
+
+
+FAMILIES: dict[str, Family] = {}
+FAMILY_ALIASES: dict[str, str] = {}
+_DETECTORS: list[Detector] = []
+# Full-size reference models (shapes from the published configs, no weights): name -> (family key,
+# Linear shapes builder, the other tensors detection looks at). Used by the CLI's `--reference`,
+# the benchmarks and the tests.
+REFERENCE_MODELS: dict[str, tuple[str, Callable[[], LinearShapes], Callable[[], dict]]] = {}
+
+
+def register_family(
+    family: Family,
+    *,
+    aliases: Sequence[str] = (),
+    detect: Detector | None = None,
+    references: Mapping[str, tuple[Callable[[], LinearShapes], Callable[[], dict]]] | None = None,
+) -> Family:
+    """Add a family with its other names, its detector and its reference models."""
+    for name in (family.key, *aliases):
+        if name in FAMILIES or name in FAMILY_ALIASES:
+            raise ValueError(f"model family name {name!r} is registered twice")
+    FAMILIES[family.key] = family
+    FAMILY_ALIASES.update(dict.fromkeys(aliases, family.key))
+    if detect is not None:
+        _DETECTORS.append(detect)
+    for name, (linears, extras) in (references or {}).items():
+        REFERENCE_MODELS[name] = (family.key, linears, extras)
+    return family
+
+
+def _reference(model: str) -> tuple[str, Callable[[], LinearShapes], Callable[[], dict]]:
+    try:
+        return REFERENCE_MODELS[model]
+    except KeyError:
+        raise ValueError(f"unknown reference model {model!r}; known: {', '.join(REFERENCE_MODELS)}") from None
+
+
+def reference_linear_shapes(model: str) -> LinearShapes:
+    """(name, out_features, in_features) of every Linear of a full-size reference model, in file order."""
+    return _reference(model)[1]()
+
+
+def reference_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    """A header-like ``{tensor name: shape}`` for the model: Linear weights and biases plus the
+    non-Linear tensors detection looks at (Wan's ``head.modulation``, norms)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, out_features, in_features in reference_linear_shapes(model):
+        shapes[f"{name}.weight"] = (out_features, in_features)
+        shapes[f"{name}.bias"] = (out_features,)
+    shapes.update(_reference(model)[2]())
+    return shapes
+
+
+def family_choices() -> list[str]:
+    """Keys a user may pass as family (``auto`` is handled by the callers)."""
+    return sorted([*FAMILIES, *FAMILY_ALIASES])
+
+
+def get_family(key: str) -> Family:
+    """Family by key or alias; unknown -> PatternError listing the known keys."""
+    k = FAMILY_ALIASES.get(key, key)
+    try:
+        return FAMILIES[k]
+    except KeyError:
+        raise PatternError(f"unknown model family {key!r}; known: {', '.join(family_choices())}") from None
+
+
+def default_ignore_text(family: str, names: Iterable[str] | None = None) -> str:
+    """The default ignore text the loader node shows: one pattern per line with ``# reason``.
+
+    With ``names`` (the model's Linear layer names), lines that match none of them (e.g. I2V-only
+    layers on a T2V model) are left out, so the defaults never produce "matched nothing" warnings.
+    """
+    fam = get_family(family)
+    rules = list(fam.ignore)
+    if names is not None:
+        names = [strip_prefix(n) for n in names]
+        ps = PatternSet(parse_patterns("\n".join(r.pattern for r in rules)))
+        hit: set[int] = set()
+        for n in names:
+            hit.update(ps.match(n))
+        rules = [r for i, r in enumerate(rules) if i in hit]
+    width = max((len(r.pattern) for r in rules), default=0)
+    lines = [f"# {fam.display_name}: layers kept in bf16 (one pattern per line, '#' starts a comment)"]
+    for r in rules:
+        only = f"({r.only} only) " if r.only else ""
+        lines.append(f"{r.pattern:<{width}}  # {only}{r.reason}")
+    return "\n".join(lines) + "\n"
+
+
+def _normalize(names: Iterable[str]) -> set[str]:
+    return {strip_prefix(n) for n in names}
+
+
+def shape_of(shapes: Mapping[str, Sequence[int]] | None, key: str) -> tuple[int, ...] | None:
+    """The shape of tensor `key` (names compared without the diffusion_model. prefix), if known."""
+    if not shapes:
+        return None
+    for k, v in shapes.items():
+        if strip_prefix(k) == key:
+            return tuple(v)
+    return None
+
+
+def detect_family(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """Family key from tensor names (and shapes when known), as ComfyUI 0.8 detects; each family
+    module says how it is recognised. Names may carry ``diffusion_model.``/``model.diffusion_model.``
+    prefixes. Nothing recognised: "generic"."""
+    keys = _normalize(names)
+    if shapes:
+        keys |= _normalize(shapes)
+    for detect in _DETECTORS:
+        found = detect(keys, shapes)
+        if found is not None:
+            return found
+    return "generic"
+
+
+def describe_model(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """A human description of the detected model, e.g. ``Wan 2.1 I2V (dim 5120, 40 blocks)``."""
+    keys = _normalize(names)
+    if shapes:
+        keys |= _normalize(shapes)
+    fam = get_family(detect_family(keys, shapes))
+    return fam.describe(keys, shapes) if fam.describe else f"{fam.display_name} model"

@@ -1,0 +1,135 @@
+"""Wan 2.1 / 2.2 (14B experts, 1.3B, 2.2 TI2V 5B): defaults, diffusers aliases, detection,
+reference shapes.
+
+Linear layers (weights [out, in]): ``blocks.N`` with ``self_attn.q/k/v/o`` and
+``cross_attn.q/k/v/o`` dim x dim (I2V 2.1 adds ``k_img``/``v_img``), ``ffn.0`` dim->ffn and
+``ffn.2`` back; outside the blocks ``text_embedding.0/2`` (4096->dim), ``time_embedding.0/2``,
+``time_projection.1`` dim->6*dim, ``head.head`` dim->64 (5B: 192) and ``img_emb.proj.1/3`` (I2V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .base import Family, IgnoreRule, register_family, shape_of
+
+# Reported for Wan 2.2 (online W8A8): FP8 in attention + FFN collapsed on long videos while
+# FFN-only stayed stable, so the default keeps both attentions in bf16 (the only setting known stable).
+# Removing the two attention lines quantizes ~8.4 B more weights of a 14B (more memory saved).
+_WAN_ATTENTION = (
+    IgnoreRule("self_attn", "attention kept bf16: Wan 2.2 with FP8 attention+FFN collapsed on long videos"),
+    IgnoreRule("cross_attn", "attention kept bf16: FFN-only quantization stayed stable"),
+)
+_WAN_OUTSIDE = (
+    IgnoreRule("text_embedding", "umT5 text projection (4096->dim): the prompt conditioning"),
+    IgnoreRule("time_embedding", "timestep MLP: small, its error shifts every block's modulation"),
+    IgnoreRule(
+        "time_projection", "timestep -> 6 modulation vectors per block: gate errors scale the residual"
+    ),
+    IgnoreRule("head", "output projection (out 64/192): errors land directly in the prediction"),
+)
+_WAN_ALIASES = (
+    # diffusers' names for the same layers
+    ("self_attn.q", ("attn1.to_q",)),
+    ("self_attn.k", ("attn1.to_k",)),
+    ("self_attn.v", ("attn1.to_v",)),
+    ("self_attn.o", ("attn1.to_out.0", "attn1.to_out")),
+    ("cross_attn.q", ("attn2.to_q",)),
+    ("cross_attn.k", ("attn2.to_k",)),
+    ("cross_attn.v", ("attn2.to_v",)),
+    ("cross_attn.o", ("attn2.to_out.0", "attn2.to_out")),
+    ("cross_attn.k_img", ("attn2.add_k_proj",)),
+    ("cross_attn.v_img", ("attn2.add_v_proj",)),
+    ("ffn.0", ("ffn.net.0.proj",)),
+    ("ffn.2", ("ffn.net.2",)),
+)
+
+WAN21 = Family(
+    key="wan21",
+    display_name="Wan 2.1 (T2V/I2V 14B, 1.3B) / Wan 2.2 A14B expert",
+    ignore=_WAN_OUTSIDE
+    + (IgnoreRule("img_emb", "CLIP image projection of I2V: the input-image conditioning", only="I2V"),)
+    + _WAN_ATTENTION,
+    aliases=_WAN_ALIASES,
+    describe=lambda keys, shapes: describe(keys, shapes),
+    notes=(
+        "Wan 2.2 A14B experts have exactly the layer names and shapes of Wan 2.1 T2V 14B, so "
+        "detection cannot tell them apart; 'wan22_14b' is an alias of this entry."
+    ),
+)
+
+WAN22_5B = Family(
+    key="wan22_5b",
+    display_name="Wan 2.2 TI2V 5B",
+    ignore=_WAN_OUTSIDE + _WAN_ATTENTION,
+    aliases=_WAN_ALIASES,
+    describe=lambda keys, shapes: describe(keys, shapes),
+)
+
+
+def detect(keys: set[str], shapes: Mapping[str, Sequence[int]] | None) -> str | None:
+    """``head.modulation`` (or, from Linear layers only, ``head.head`` + ``time_projection.1``), as
+    ComfyUI 0.8 detects. ``head.head`` with out 192 (out_dim 48 x patch 1x2x2) is Wan 2.2 TI2V 5B;
+    otherwise "wan21" (T2V/I2V 14B, 1.3B, and Wan 2.2 A14B experts, which have identical names and
+    shapes and cannot be told apart)."""
+    if "head.modulation" not in keys and not {"head.head.weight", "time_projection.1.weight"} <= keys:
+        return None
+    s = shape_of(shapes, "head.head.weight")
+    return "wan22_5b" if s is not None and s[0] == 192 else "wan21"
+
+
+def describe(keys: set[str], shapes: Mapping[str, Sequence[int]] | None) -> str:
+    blocks = {k.split(".")[1] for k in keys if k.startswith("blocks.") and k.count(".") > 1}
+    s = shape_of(shapes, "head.head.weight")
+    dim = f"dim {s[1]}, " if s else ""
+    if detect(keys, shapes) == "wan22_5b":
+        return f"Wan 2.2 TI2V 5B ({dim}{len(blocks)} blocks)"
+    kind = "I2V" if any(k.startswith("img_emb.") for k in keys) else "T2V"
+    return f"Wan 2.1 {kind} or Wan 2.2 A14B expert ({dim}{len(blocks)} blocks)"
+
+
+def reference_linears(
+    dim: int, ffn: int, blocks: int, head_out: int, i2v: bool
+) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = [
+        ("text_embedding.0", dim, 4096),
+        ("text_embedding.2", dim, dim),
+        ("time_embedding.0", dim, 256),
+        ("time_embedding.2", dim, dim),
+        ("time_projection.1", 6 * dim, dim),
+    ]
+    for b in range(blocks):
+        p = f"blocks.{b}."
+        for a in ("self_attn", "cross_attn"):
+            out += [(f"{p}{a}.{x}", dim, dim) for x in ("q", "k", "v", "o")]
+        if i2v:
+            out += [(p + "cross_attn.k_img", dim, dim), (p + "cross_attn.v_img", dim, dim)]
+        out += [(p + "ffn.0", ffn, dim), (p + "ffn.2", dim, ffn)]
+    out.append(("head.head", head_out, dim))
+    if i2v:
+        out += [("img_emb.proj.1", 1280, 1280), ("img_emb.proj.3", dim, 1280)]
+    return out
+
+
+def _reference(dim: int, ffn: int, blocks: int, head_out: int, i2v: bool):
+    def detected_tensors() -> dict[str, tuple[int, ...]]:
+        return {
+            "head.modulation": (1, 2, dim),
+            "patch_embedding.weight": (dim, 48 if head_out == 192 else 16, 1, 2, 2),
+            "blocks.0.norm3.weight": (dim,),
+        }
+
+    return (lambda: reference_linears(dim, ffn, blocks, head_out, i2v)), detected_tensors
+
+
+register_family(
+    WAN21,
+    aliases=("wan22_14b", "wan"),
+    detect=detect,
+    references={
+        "wan21_t2v_14b": _reference(5120, 13824, 40, 64, False),
+        "wan21_i2v_14b": _reference(5120, 13824, 40, 64, True),
+        "wan21_t2v_1.3b": _reference(1536, 8960, 30, 64, False),
+    },
+)
+register_family(WAN22_5B, references={"wan22_5b": _reference(3072, 14336, 30, 192, False)})
