@@ -66,13 +66,14 @@ def _release_pinned() -> None:
         empty()
 
 
-def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str, str]:
-    """(backend name, reason) that the matmul registry picks for this format on this device."""
+def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str, str, tuple]:
+    """(backend, reason, (backend, why not) pairs) that the matmul registry picks for this format
+    on this device."""
     try:
         c = choose_backend(format_name, device, compute)
     except Exception as e:  # a backend probe must never fail the load; the matmul decides later
-        return "unknown", f"backend choice failed: {e}"
-    return f"{c.name} ({c.compute})", c.reason
+        return "unknown", f"backend choice failed: {e}", ()
+    return f"{c.name} ({c.compute})", c.reason, c.skipped
 
 
 def load_quantized(
@@ -208,7 +209,9 @@ def load_quantized(
                 f"and were kept unquantized (e.g. {', '.join(unplanned[:3])})"
             )
         load_device = patcher.load_device
-        report.backend, report.backend_reason = _backend(quantization, load_device, compute)
+        report.backend, report.backend_reason, report.backends_skipped = _backend(
+            quantization, load_device, compute
+        )
         log.info(
             "OnlineQuant %s: %s on %s -> backend %s (%s)",
             name,

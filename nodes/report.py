@@ -10,6 +10,8 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..quant.selection.plan import format_bytes
+
 
 @dataclass
 class LayerRecord:
@@ -39,6 +41,7 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
     backend: str = ""
     backend_reason: str = ""
+    backends_skipped: tuple[tuple[str, str], ...] = ()  # (backend, why not), ranked above the chosen one
     quantize_device: str = ""
     load_seconds: float = 0.0
     quantize_seconds: float = 0.0
@@ -75,7 +78,11 @@ class LoadReport:
             "format": self.format,
             "family": self.family,
             "compute_dtype": self.compute_dtype,
-            "backend": {"name": self.backend, "reason": self.backend_reason},
+            "backend": {
+                "name": self.backend,
+                "reason": self.backend_reason,
+                "not_chosen": [{"backend": b, "why": why} for b, why in self.backends_skipped],
+            },
             "quantize_device": self.quantize_device,
             "load_seconds": round(self.load_seconds, 3),
             "quantize_seconds": round(self.quantize_seconds, 3),
@@ -109,9 +116,9 @@ class LoadReport:
             f"OnlineQuant: {self.model_file}",
             f"family: {self.family}   format: {self.format}   compute dtype: {self.compute_dtype}",
             f"backend: {self.backend or 'n/a'}"
-            + (f" ({_short_reason(self.backend_reason)})" if self.backend_reason else ""),
+            + (f" ({self.backend_reason})" if self.backend_reason else ""),
             f"Linear layers: {len(self.quantized())} quantized, {len(self.kept())} kept",
-            f"Linear weights: {_gib(before)} -> {_gib(after)} ({ratio:.1f}%)",
+            f"Linear weights: {format_bytes(before)} -> {format_bytes(after)} ({ratio:.1f}%)",
             f"load time: {self.load_seconds:.2f} s (quantization {self.quantize_seconds:.2f} s"
             + (f" on {self.quantize_device})" if self.quantize_device else ")"),
         ]
@@ -140,14 +147,3 @@ class LoadReport:
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
-
-
-def _short_reason(reason: str) -> str:
-    """The reason without the list of backends that were not chosen (kept in to_dict())."""
-    return reason.split(" (not chosen:")[0]
-
-
-def _gib(n: int) -> str:
-    if n >= 1 << 30:
-        return f"{n / (1 << 30):.2f} GiB"
-    return f"{n / (1 << 20):.2f} MiB"

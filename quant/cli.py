@@ -20,184 +20,34 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 
+from .checkpoint import classify_checkpoint, iter_tensors, read_header
+from .demo import pick_device, run_demo
 from .errors import OnlineQuantError
-from .models import default_ignore_text, describe_model, detect_family, family_choices, get_family
+from .errors import UsageError as UserError
+from .formats import FORMATS, get_format
+from .models import (
+    REFERENCE_MODELS,
+    default_ignore_text,
+    describe_model,
+    detect_family,
+    family_choices,
+    get_family,
+    reference_shapes,
+)
+from .quality import sqnr_from_sums
+from .selection.patterns import strip_prefix
 from .selection.plan import (
     LinearInfo,
     QuantPlan,
-    build_plan,
-    compact_names,
-    linears_from_module,
     linears_from_shapes,
 )
 from .selection.user_text import plan_from_text
 
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A mistake in the command line or its inputs: printed without a traceback, exit 2."""
-
-
-# --- demo -----------------------------------------------------------------------------------------
-
-
-class _QuantLinear(torch.nn.Module):
-    """Stand-in for a quantized nn.Linear in the toy model (the ComfyUI layout lives in nodes/)."""
-
-    def __init__(self, qw, bias: torch.Tensor | None, compute: str):
-        super().__init__()
-        self.qw, self.bias, self.compute = qw, bias, compute
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .matmul.linear import quantized_linear
-
-        return quantized_linear(x, self.qw, self.bias, self.compute)
-
-
-def _swap(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, new)
-    return old
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r}: this PyTorch has no CUDA device")
-    return dev
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
-def run_demo(args: argparse.Namespace, out=print) -> dict:
-    """The embedded default. Returns the numbers it printed (tests and notes use them)."""
-    from . import quality
-    from .bench.toy_model import build_toy_zimage, toy_inputs
-    from .formats import get_format
-    from .matmul.registry import choose_backend
-    from .selection.plan import reference_linears
-
-    t_start = time.perf_counter()
-    device = _pick_device(args.device)
-    formats = [get_format(f).name for f in args.formats.split(",") if f.strip()]
-    where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    if device.type == "cpu":
-        where += f", {torch.get_num_threads()} threads"
-    out(
-        f"toy Z-Image: width 3840, ComfyUI NextDiT layer names, {args.layers} layer(s) + "
-        f"{args.refiners}+{args.refiners} refiners, random weights (seed {args.seed}), bf16 on {where}"
-    )
-    t0 = time.perf_counter()
-    model = build_toy_zimage(layers=args.layers, refiners=args.refiners, seed=args.seed).to(device)
-    inputs = toy_inputs(
-        seed=args.seed + 1, size=args.latent, caption_tokens=args.caption_tokens, device=device
-    )
-    _sync(device)
-    t_build = time.perf_counter() - t0
-    layers = linears_from_module(model)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        ref = model(*inputs).float()
-        _sync(device)
-        t_ref = time.perf_counter() - t0
-    out(f"built in {t_build:.1f} s; bf16 forward {t_ref:.2f} s, output {tuple(ref.shape)}")
-
-    full = reference_linears("zimage")
-    results = {"device": where, "formats": {}, "build_s": t_build, "bf16_forward_s": t_ref}
-    for i, fmt_name in enumerate(formats):
-        plan = build_plan(layers, fmt_name, None, family="zimage", min_out_features=args.min_out)
-        full_plan = build_plan(full, fmt_name, None, family="zimage", min_out_features=args.min_out)
-        if i == 0:
-            out("")
-            out(
-                f"plan for full-size Z-Image ({len(full)} Linear layers, shapes of the published configs), "
-                "default ignore list:"
-            )
-            out(_indent(full_plan.summary()))
-            out("")
-            out(
-                f"toy model plan: quantize {len(plan.quantized())} of {len(plan.decisions)} Linear layers "
-                f"(same defaults: kept {', '.join(compact_names([d.name for d in plan.kept()]))})"
-            )
-        choice = choose_backend(fmt_name, device, args.compute)
-        originals = {}
-        t0 = time.perf_counter()
-        fmt = get_format(fmt_name)
-        with torch.no_grad():
-            for d in plan.quantized():
-                lin = model.get_submodule(d.name)
-                qw = fmt.quantize(lin.weight)
-                originals[d.name] = _swap(model, d.name, _QuantLinear(qw, lin.bias, args.compute))
-            _sync(device)
-            t_q = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            y = model(*inputs).float()
-            _sync(device)
-            t_f = time.perf_counter() - t0
-        for name, lin in originals.items():
-            _swap(model, name, lin)
-        rel = quality.relative_l2(ref, y)
-        sqnr = quality.sqnr_db(ref, y)
-        r = {
-            "plan_quantized": len(plan.quantized()),
-            "plan_kept": len(plan.kept()),
-            "bytes_before": plan.bytes_before(),
-            "bytes_after": plan.bytes_after(),
-            "full_size_bytes_before": full_plan.bytes_before(),
-            "full_size_bytes_after": full_plan.bytes_after(),
-            "quantize_s": t_q,
-            "forward_s": t_f,
-            "relative_l2": rel,
-            "sqnr_db": sqnr,
-            "backend": choice.name,
-            "compute": choice.compute,
-        }
-        results["formats"][fmt_name] = r
-        out("")
-        out(f"{fmt_name}: backend {choice.name} ({choice.compute}: {choice.reason})")
-        out(
-            f"  Linear weights, toy:       {_fmt_bytes(r['bytes_before'])} -> {_fmt_bytes(r['bytes_after'])} "
-            f"({100 * r['bytes_after'] / r['bytes_before']:.1f}%)"
-        )
-        out(
-            f"  Linear weights, full-size Z-Image ({len(full)} layers): "
-            f"{_fmt_bytes(r['full_size_bytes_before'])} "
-            f"-> {_fmt_bytes(r['full_size_bytes_after'])} "
-            f"({100 * r['full_size_bytes_after'] / r['full_size_bytes_before']:.1f}%)"
-        )
-        out(f"  output vs bf16: relative L2 {100 * rel:.2f}%, SQNR {sqnr:.1f} dB")
-        out(f"  quantize {t_q:.2f} s, quantized forward {t_f:.2f} s")
-    results["total_s"] = time.perf_counter() - t_start
-    out("")
-    out(f"total {results['total_s']:.1f} s")
-    return results
-
-
-def _indent(text: str, pad: str = "  ") -> str:
-    return "\n".join(pad + line for line in text.splitlines())
-
-
-# --- plan ---------------------------------------------------------------------------------------
 
 
 def _read_ignore(value: str | None) -> str | None:
@@ -217,8 +67,6 @@ def _read_ignore(value: str | None) -> str | None:
 
 def _plan_inputs(args) -> tuple[list[LinearInfo], dict, str, object]:
     """(layers, shapes, description, header or None) for a file or a --reference model."""
-    from .models import REFERENCE_MODELS, reference_shapes
-
     if args.reference:
         if args.reference not in REFERENCE_MODELS:
             raise UserError(f"--reference {args.reference!r}: known models are {', '.join(REFERENCE_MODELS)}")
@@ -233,8 +81,6 @@ def _plan_inputs(args) -> tuple[list[LinearInfo], dict, str, object]:
         )
     if not args.file:
         raise UserError("plan: give a .safetensors FILE (or --reference MODEL)")
-    from .checkpoint import classify_checkpoint, read_header
-
     header = read_header(args.file)
     kind = classify_checkpoint(header)
     if kind.prequantized:
@@ -285,11 +131,7 @@ def run_plan(args: argparse.Namespace, out=print) -> QuantPlan:
 
 def _measure(path: str, header, plan: QuantPlan, device_name: str) -> dict[str, float]:
     """Per-layer weight SQNR, streaming: one tensor of the file in memory at a time."""
-    from .checkpoint import iter_tensors
-    from .formats import get_format
-    from .selection.patterns import strip_prefix
-
-    device = _pick_device(device_name)
+    device = pick_device(device_name)
     fmt = get_format(plan.format)
     wanted = [k for k in header.tensors if k.endswith(".weight") and _quantized(plan, k)]
     out: dict[str, float] = {}
@@ -312,8 +154,6 @@ def _weight_sqnr_rows(fmt, w: torch.Tensor, qw, rows_elems: int = 1 << 22) -> fl
     """Weight SQNR (dB) accumulated over row chunks: no full fp32 copy of the layer is made.
     Same definition as quant.quality.sqnr_db (which it matches, tested); the inf conventions are
     quant.quality.sqnr_from_sums itself."""
-    from .quality import sqnr_from_sums
-
     n, k = w.shape
     step = max(1, rows_elems // max(k, 1))
     signal = noise = 0.0
@@ -335,8 +175,6 @@ def _quantized(plan: QuantPlan, key: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .formats import FORMATS
-
     p = argparse.ArgumentParser(
         prog="python -m quant",
         description="Online FP8/MXFP4 quantization: the embedded default run (no arguments) and layer plans.",

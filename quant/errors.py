@@ -61,3 +61,7 @@ class UnknownFormatError(OnlineQuantError, ValueError):
             f"unknown quantization format {name!r}; known formats: {', '.join(known)}; "
             f"aliases: {', '.join(aliases)}"
         )
+
+
+class UsageError(OnlineQuantError, ValueError):
+    """A mistake in a command line or its inputs: the CLI prints it without a traceback, exit 2."""

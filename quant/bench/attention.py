@@ -33,7 +33,7 @@ from .timing import bench_ms, env_info, rel_l2
 log = logging.getLogger(__name__)
 
 # (model, heads, tokens); B=1, D=128
-SHAPES = [("zimage", 30, 4352), ("wan22_5b", 24, 27280), ("wan_14b", 40, 32760)]
+SHAPES = [("zimage", 30, 4352), ("wan22_5b", 24, 27280), ("wan21_t2v_14b", 40, 32760)]
 QUICK_SHAPES = [("tiny", 2, 80)]
 MODES = {  # name -> fp8_attention_triton kwargs (K scale per token, or per block of block_n)
     "int8qk_bf16pv_ktok": dict(qk_int8=True, v_fp8=False, k_per_token=True),

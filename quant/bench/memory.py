@@ -55,7 +55,7 @@ def add_args(parser) -> None:
 # ---------------------------------------------------------------- the synthetic checkpoint
 
 
-def wan5b_shapes(blocks: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def wan22_5b_shapes(blocks: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of ComfyUI's WanModel with the Wan 2.2 5B config and `blocks` blocks."""
     from .models import WAN5B, _cls, _comfy
 
@@ -190,7 +190,7 @@ def run(args, device: torch.device) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=getattr(args, "memory_dir", None)) as d:
         path = Path(d) / f"wan2.2_ti2v_5B_{blocks}blocks_synthetic_bf16.safetensors"
         t0 = time.perf_counter()
-        size = write_checkpoint(path, wan5b_shapes(blocks))
+        size = write_checkpoint(path, wan22_5b_shapes(blocks))
         log.info("memory: wrote %.2f GB in %.0f s", size / 1e9, time.perf_counter() - t0)
         rows = measure(str(path), kinds, device.type)
     for r in rows:

@@ -24,57 +24,17 @@ from pathlib import Path
 
 import torch
 
+from ..models import get_reference
 from .timing import rel_l2
 
 log = logging.getLogger(__name__)
 PACK = "comfyui_online_quant"
 
 # ---------------------------------------------------------------- model configs
-ZIMAGE = dict(
-    patch_size=2,
-    in_channels=16,
-    dim=3840,
-    n_layers=30,
-    n_refiner_layers=2,
-    n_heads=30,
-    n_kv_heads=30,
-    multiple_of=256,
-    ffn_dim_multiplier=8.0 / 3.0,
-    qk_norm=True,
-    cap_feat_dim=2560,
-    axes_dims=[32, 48, 48],
-    axes_lens=[1536, 512, 512],
-    rope_theta=256.0,
-    z_image_modulation=True,
-    time_scale=1000.0,
-    pad_tokens_multiple=32,
-)
-WAN5B = dict(
-    model_type="t2v",
-    patch_size=(1, 2, 2),
-    text_len=512,
-    in_dim=48,
-    dim=3072,
-    ffn_dim=14336,
-    freq_dim=256,
-    text_dim=4096,
-    out_dim=48,
-    num_heads=24,
-    num_layers=30,
-)
-WAN14B = dict(
-    model_type="t2v",
-    patch_size=(1, 2, 2),
-    text_len=512,
-    in_dim=16,
-    dim=5120,
-    ffn_dim=13824,
-    freq_dim=256,
-    text_dim=4096,
-    out_dim=16,
-    num_heads=40,
-    num_layers=40,
-)
+# The full-size configs are the reference models' (quant/models/): one name per model everywhere.
+ZIMAGE = get_reference("zimage").comfy_config
+WAN5B = get_reference("wan22_5b").comfy_config
+WAN14B = get_reference("wan21_t2v_14b").comfy_config
 
 
 def tiny_config(cfg: dict, **over) -> dict:
@@ -87,21 +47,21 @@ def tiny_config(cfg: dict, **over) -> dict:
 MODELS = {
     # name: (class path, config, quick config, inputs(quick) -> kwargs, family, what)
     "zimage": (
-        "comfy.ldm.lumina.model:NextDiT",
+        get_reference("zimage").comfy_class,
         ZIMAGE,
         tiny_config(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
         "zimage",
         "Z-Image-Turbo 1024x1024 (4096 image + 256 text tokens)",
     ),
-    "wan5b": (
-        "comfy.ldm.wan.model:WanModel",
+    "wan22_5b": (
+        get_reference("wan22_5b").comfy_class,
         WAN5B,
         tiny_config(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
         "wan22_5b",
         "Wan 2.2 TI2V 5B 1280x704x121 (27280 tokens)",
     ),
-    "wan14b": (
-        "comfy.ldm.wan.model:WanModel",
+    "wan21_t2v_14b": (
+        get_reference("wan21_t2v_14b").comfy_class,
         WAN14B,
         tiny_config(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
         "wan21",
@@ -124,7 +84,7 @@ def _inputs(name: str, quick: bool, device, dtype=torch.bfloat16) -> dict:
             context=rn(1, txt, cap, scale=0.5),
             num_tokens=txt,
         )
-    if name == "wan5b":
+    if name == "wan22_5b":
         t, h, w = (1, 8, 8) if quick else (31, 44, 80)
         return dict(
             x=rn(1, 48, t, h, w),
@@ -329,7 +289,9 @@ def _step(model, inputs, transformer_options, device, steps: int):
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--models", default="zimage,wan5b", help="comma list of zimage, wan5b, wan14b")
+    parser.add_argument(
+        "--models", default="zimage,wan22_5b", help="comma list of zimage, wan22_5b, wan21_t2v_14b"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     parser.add_argument("--no-attention", action="store_true", help="skip the FP8-attention combinations")
     parser.add_argument(
@@ -343,7 +305,7 @@ def run(args, device: torch.device) -> list[dict]:
     comfy = _comfy()  # noqa: F841  (imported for its side: CPU mode when there is no GPU)
     rows = []
     attn = None if getattr(args, "no_attention", False) else _attention_override()
-    for name in [m for m in getattr(args, "models", "zimage,wan5b").split(",") if m]:
+    for name in [m for m in getattr(args, "models", "zimage,wan22_5b").split(",") if m]:
         quick = args.quick
         src = _build(name, quick, _comfy().ops.disable_weight_init, device)
         init_random_(src, seed=0)

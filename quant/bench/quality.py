@@ -28,96 +28,33 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from ..quality import fake_quantize_activation, fake_quantize_weight, sqnr_db
+from ..formats import get_format
+from ..quality import (
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantized_weight_sqnr_db,
+    sample_rows,
+    sqnr_db,
+    weight_sqnr_db,
+)
+from .ablation import ablation, ablation_markdown
+from .quality_inputs import (
+    ACT_PROFILES,
+    MODELS,
+    QUICK_MODELS,
+    WEIGHT_PROFILES,
+    LayerSpec,
+    make_activation,
+    make_weight,
+)
+from .report import fmt_db
 
 FP8_VARIANTS = ("fp8_channel", "fp8_tensor")
 MXFP4_VARIANTS = ("mxfp4_even", "mxfp4_floor", "mxfp4_ceil")
-WEIGHT_PROFILES = ("normal", "structured")
-ACT_PROFILES = ("normal", "outliers")
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    model: str
-    family: str  # qkv, attn_out, cross_attn, ffn_up, ffn_down, modulation, embedder, time_embed, head
-    name: str  # one real layer of the family (ComfyUI's name, no prefix)
-    out_features: int
-    in_features: int
-    count: int  # Linear layers of this family and shape in the model
-
-
-def _zimage(dim=3840, ffn=10240, layers=30, mod=256, cap=2560, patch=64) -> tuple[LayerSpec, ...]:
-    blocks = layers + 4  # + 2 noise_refiner + 2 context_refiner
-    return (
-        LayerSpec("zimage", "qkv", "layers.0.attention.qkv", 3 * dim, dim, blocks),
-        LayerSpec("zimage", "attn_out", "layers.0.attention.out", dim, dim, blocks),
-        LayerSpec("zimage", "ffn_up", "layers.0.feed_forward.w1", ffn, dim, 2 * blocks),
-        LayerSpec("zimage", "ffn_down", "layers.0.feed_forward.w2", dim, ffn, blocks),
-        LayerSpec("zimage", "modulation", "layers.0.adaLN_modulation.0", 4 * dim, mod, layers + 2),
-        LayerSpec("zimage", "embedder", "cap_embedder.1", dim, cap, 1),
-        LayerSpec("zimage", "embedder", "x_embedder", dim, patch, 1),
-        LayerSpec("zimage", "time_embed", "t_embedder.mlp.0", min(dim, 1024), 256, 1),
-        LayerSpec("zimage", "head", "final_layer.linear", patch, dim, 1),
-    )
-
-
-def _wan(model: str, dim: int, ffn: int, blocks: int, head_out: int, text=4096, freq=256):
-    return (
-        LayerSpec(model, "qkv", "blocks.0.self_attn.q", dim, dim, 3 * blocks),
-        LayerSpec(model, "attn_out", "blocks.0.self_attn.o", dim, dim, 2 * blocks),
-        LayerSpec(model, "cross_attn", "blocks.0.cross_attn.k", dim, dim, 3 * blocks),
-        LayerSpec(model, "ffn_up", "blocks.0.ffn.0", ffn, dim, blocks),
-        LayerSpec(model, "ffn_down", "blocks.0.ffn.2", dim, ffn, blocks),
-        LayerSpec(model, "modulation", "time_projection.1", 6 * dim, dim, 1),
-        LayerSpec(model, "embedder", "text_embedding.0", dim, text, 1),
-        LayerSpec(model, "time_embed", "time_embedding.0", dim, freq, 1),
-        LayerSpec(model, "head", "head.head", head_out, dim, 1),
-    )
-
-
-MODELS: dict[str, tuple[LayerSpec, ...]] = {
-    "zimage": _zimage(),
-    "wan22_5b": _wan("wan22_5b", 3072, 14336, 30, 192),
-    "wan21_14b": _wan("wan21_14b", 5120, 13824, 40, 64),
-}
-# CI scale: same families and layer names, tiny widths (all K multiples of 32).
-QUICK_MODELS: dict[str, tuple[LayerSpec, ...]] = {
-    "zimage": _zimage(dim=128, ffn=352, layers=2, mod=64, cap=96, patch=64),
-    "wan22_5b": _wan("wan22_5b", 128, 384, 2, 192, text=96, freq=64),
-}
-
-
-def make_weight(spec: LayerSpec, profile: str, gen: torch.Generator) -> torch.Tensor:
-    """Random [out, in] fp32 weight. "normal": N(0, 0.02). "structured": the same times a
-    log-normal scale per output row and per input column (sigma 0.5 each) with 0.05% of the
-    weights x10, which is closer to trained layers (uneven rows, a few large weights)."""
-    n, k = spec.out_features, spec.in_features
-    w = torch.randn(n, k, generator=gen).mul_(0.02)
-    if profile == "structured":
-        w.mul_(torch.randn(n, 1, generator=gen).mul_(0.5).exp_())
-        w.mul_(torch.randn(1, k, generator=gen).mul_(0.5).exp_())
-        hits = torch.randint(0, n * k, (max(1, n * k // 2000),), generator=gen)
-        w.view(-1)[hits] *= 10.0
-    elif profile != "normal":
-        raise ValueError(f"unknown weight profile {profile!r}; known: {WEIGHT_PROFILES}")
-    return w
-
-
-def make_activation(tokens: int, k: int, profile: str, gen: torch.Generator) -> torch.Tensor:
-    """Random [tokens, k] activations. "outliers": N(0, 1) with max(2, k // 512) channels scaled
-    x20 .. x100 (the massive-activation channels DiT and LLM text-encoder inputs show)."""
-    x = torch.randn(tokens, k, generator=gen)
-    if profile == "outliers":
-        n_out = max(2, k // 512)
-        idx = torch.randperm(k, generator=gen)[:n_out]
-        x[:, idx] *= torch.linspace(20.0, 100.0, n_out)
-    elif profile != "normal":
-        raise ValueError(f"unknown activation profile {profile!r}; known: {ACT_PROFILES}")
-    return x
 
 
 def _min_row_sqnr(w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -128,13 +65,6 @@ def _min_row_sqnr(w: torch.Tensor, wq: torch.Tensor) -> float:
     if not bool(ok.any()):
         return math.inf
     return float((10.0 * torch.log10(s[ok] / e[ok])).min())
-
-
-def sample_rows(n: int, rows: int) -> torch.Tensor:
-    """Evenly spaced output-channel indices (all of them when n <= rows)."""
-    if n <= rows:
-        return torch.arange(n)
-    return torch.linspace(0, n - 1, rows).round().long()
 
 
 def measure_layer(
@@ -151,7 +81,7 @@ def measure_layer(
     measured exactly on a sample of `rows` output channels of the full weight; per-tensor FP8 gets
     the full tensor's amax by quantizing the sample together with the row that holds it."""
     idx = sample_rows(w.shape[0], rows)
-    ws = w.index_select(0, idx)
+    ws = w if idx is None else w.index_select(0, idx)
     amax_row = w.abs().amax(dim=1).argmax().reshape(1)
     mx_ok = spec.in_features % 32 == 0
     refs = {p: x @ ws.t() for p, x in acts.items()}
@@ -294,10 +224,6 @@ def choose_defaults(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
-def _f(x: float) -> str:
-    return "inf" if x == math.inf else ("n/a" if not math.isfinite(x) else f"{x:.1f}")
-
-
 def to_markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [
@@ -322,22 +248,22 @@ def to_markdown(result: dict) -> str:
         res = r["results"]
         c, t = res["fp8_channel"], res["fp8_tensor"]
         fp8w = (
-            f"{_f(c['weight_sqnr_db'])} ({_f(c['min_channel_sqnr_db'])}) / "
-            f"{_f(t['weight_sqnr_db'])} ({_f(t['min_channel_sqnr_db'])})"
+            f"{fmt_db(c['weight_sqnr_db'])} ({fmt_db(c['min_channel_sqnr_db'])}) / "
+            f"{fmt_db(t['weight_sqnr_db'])} ({fmt_db(t['min_channel_sqnr_db'])})"
         )
         if "mxfp4_even" in res:
             e, fl, ce = res["mxfp4_even"], res["mxfp4_floor"], res["mxfp4_ceil"]
-            mxw = " / ".join(_f(v["weight_sqnr_db"]) for v in (e, fl, ce))
-            w4a16 = _f(e["out"]["W4A16/normal"])
-            w4a4 = _f(e["out"]["W4A4/normal"])
-            w4o = " / ".join(_f(v["out"]["W4A4/outliers"]) for v in (e, fl, ce))
+            mxw = " / ".join(fmt_db(v["weight_sqnr_db"]) for v in (e, fl, ce))
+            w4a16 = fmt_db(e["out"]["W4A16/normal"])
+            w4a4 = fmt_db(e["out"]["W4A4/normal"])
+            w4o = " / ".join(fmt_db(v["out"]["W4A4/outliers"]) for v in (e, fl, ce))
         else:
             mxw = w4a16 = w4a4 = w4o = "K%32≠0"
         shape = f"{r['out_features']}x{r['in_features']}"
         lines.append(
             f"| {r['model']} | {r['name']} | {shape} | {r['weight_profile']} | "
-            f"{fp8w} | {_f(c['out']['W8A16/normal'])} | {_f(c['out']['W8A8/normal'])} | "
-            f"{_f(c['out']['W8A8/outliers'])} | {mxw} | {w4a16} | {w4a4} | {w4o} |"
+            f"{fp8w} | {fmt_db(c['out']['W8A16/normal'])} | {fmt_db(c['out']['W8A8/normal'])} | "
+            f"{fmt_db(c['out']['W8A8/outliers'])} | {mxw} | {w4a16} | {w4a4} | {w4o} |"
         )
     lines += ["", "### Share of Linear parameters per family", ""]
     fams = sorted({f for v in result["shares"].values() for f in v})
@@ -354,7 +280,7 @@ def to_markdown(result: dict) -> str:
     ]
     for fam, d in result["defaults"].items():
         ev = d["evidence"]
-        mx = " / ".join(_f(ev["mxfp4_mean_out_db"].get(v, math.nan)) for v in MXFP4_VARIANTS)
+        mx = " / ".join(fmt_db(ev["mxfp4_mean_out_db"].get(v, math.nan)) for v in MXFP4_VARIANTS)
         lines.append(
             f"| {fam} | {d['mxfp4_rounding']} | {mx} | {d['fp8_granularity']} | "
             f"{ev['fp8_channel_gain_out_db']:+.2f}, {ev['fp8_channel_gain_min_channel_db']:+.2f} |"
@@ -362,109 +288,10 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# Model-level ablation: which layer family's quantization moves the model output
-# ---------------------------------------------------------------------------------------------
-
-# Z-Image layer families by name (ComfyUI's names; the toy model uses the same ones).
-ABLATION_GROUPS = {
-    "x_embedder": ("x_embedder",),
-    "cap_embedder": ("cap_embedder",),
-    "t_embedder": ("t_embedder",),
-    "adaLN_modulation": ("adaLN_modulation",),
-    "final_layer": ("final_layer",),
-    "attention.qkv": ("attention.qkv",),
-    "attention.out": ("attention.out",),
-    "feed_forward": ("feed_forward",),
-}
-ABLATION_SCHEMES = {"FP8 W8A8": ("fp8_channel", 8), "MXFP4 W4A16": ("mxfp4_even", None)}
-
-
-def _in_group(name: str, parts: Sequence[str]) -> bool:
-    segs = "." + name + "."
-    return any("." + p + "." in segs for p in parts)
-
-
-def ablation(*, quick: bool = False, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
-    """Output SQNR (dB) of a Z-Image-architecture model (quant/bench/toy_model.py: real width 3840
-    and layer names, 1 block + 1 noise/context refiner; `quick`: width 256) against fp32 when
-    ONLY one layer family is quantized, when all but the family's default ignore list are, and
-    when everything is. Caption features carry outlier channels (x20..x100), as text-encoder
-    states do. Random weights N(0, 1/fan_in)."""
-    from ..models import default_ignore_text
-    from ..selection.patterns import PatternSet, parse_patterns
-    from .toy_model import ToyZImage, build_toy_zimage, toy_inputs
-
-    torch.manual_seed(seed)
-    if quick:
-        model = ToyZImage(layers=1, refiners=1, dim=256, heads=2, ffn=512, cap_dim=2560).eval()
-        for p in model.parameters():
-            with torch.no_grad():
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]) if p.dim() == 2 else torch.ones_like(p))
-    else:
-        model = build_toy_zimage(layers=1, refiners=1, seed=seed, dtype=torch.float32)
-    lat, t, cap = toy_inputs(seed=seed + 1, size=16, caption_tokens=32)
-    gen = torch.Generator().manual_seed(seed + 2)
-    idx = torch.randperm(cap.shape[-1], generator=gen)[:4]
-    cap[..., idx] *= torch.linspace(20.0, 100.0, 4)
-    lins = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    orig = {n: m.weight.detach().clone() for n, m in lins.items()}
-    with torch.no_grad():
-        ref = model(lat, t, cap).float()
-    defaults = PatternSet(parse_patterns(default_ignore_text("zimage")))
-    groups = {k: [n for n in lins if _in_group(n, v)] for k, v in ABLATION_GROUPS.items()}
-    groups["all but defaults"] = [n for n in lins if not defaults.match(n)]
-    groups["all"] = list(lins)
-    out: dict[str, dict[str, float]] = {}
-    for scheme, (variant, bits) in ABLATION_SCHEMES.items():
-        cache: dict[str, torch.Tensor] = {}
-        for g, names in groups.items():
-            handles = []
-            with torch.no_grad():
-                for n in names:
-                    if n not in cache:
-                        cache[n] = fake_quantize_weight(orig[n], variant)
-                    lins[n].weight.copy_(cache[n])
-                    if bits:
-                        handles.append(lins[n].register_forward_pre_hook(
-                            lambda mod, args, b=bits: (fake_quantize_activation(args[0], b),)
-                        ))
-                y = model(lat, t, cap).float()
-                for h in handles:
-                    h.remove()
-                for n in names:
-                    lins[n].weight.copy_(orig[n])
-            share = sum(orig[n].numel() for n in names) / sum(w.numel() for w in orig.values())
-            out.setdefault(g, {"params_share": share})[scheme] = sqnr_db(ref, y)
-            if progress:
-                progress(f"ablation {scheme:12s} {g:18s} {out[g][scheme]:6.1f} dB")
-    return {"quick": quick, "groups": out}
-
-
-def ablation_markdown(res: dict) -> str:
-    schemes = list(ABLATION_SCHEMES)
-    lines = [
-        "### Model-level: output SQNR when only some layers are quantized (Z-Image architecture)",
-        "",
-        f"`python -m quant.bench.quality --ablation{' --quick' if res['quick'] else ''}` — the toy Z-Image "
-        "(real width and names, 1 block + 1+1 refiners, random weights), caption features with 4 outlier "
-        "channels x20..x100; SQNR of the model output vs fp32 (higher is better).",
-        "",
-        "| quantized | share of Linear params | " + " | ".join(schemes) + " |",
-        "|---|---|" + "---|" * len(schemes),
-    ]
-    for g, d in res["groups"].items():
-        vals = " | ".join(_f(d[s]) for s in schemes)
-        lines.append(f"| {g} | {d['params_share'] * 100:.2f}% | {vals} |")
-    return "\n".join(lines) + "\n"
-
-
 def sqnr_overhead(out_features: int = 13824, in_features: int = 5120, repeats: int = 3) -> str:
     """What measuring a layer's weight SQNR costs next to quantizing it (CPU, bf16 weight of a
     Wan 14B ffn.0 by default): full dequantize + compare vs the row-sampled measurement the load
     report uses (quality.quantized_weight_sqnr_db, 256 rows). Best of `repeats` runs."""
-    from ..formats import get_format
-    from ..quality import quantized_weight_sqnr_db, weight_sqnr_db
 
     def best(fn):
         ts, r = [], None
@@ -508,7 +335,7 @@ def _json_safe(x):
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m quant.bench.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CI): seconds instead of minutes")
-    ap.add_argument("--models", default=None, help="zimage,wan22_5b,wan21_14b (default: all)")
+    ap.add_argument("--models", default=None, help="zimage,wan22_5b,wan21_t2v_14b (default: all)")
     ap.add_argument("--tokens", type=int, default=None, help="rows per layer (default 256, quick 32)")
     ap.add_argument("--rows", type=int, default=512, help="output channels measured per layer (default 512)")
     ap.add_argument("--seed", type=int, default=0)

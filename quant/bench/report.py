@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+
+def fmt_db(x: float) -> str:
+    """A dB figure for a table: one decimal, "inf" for an exact match, "n/a" for NaN."""
+    return "inf" if x == math.inf else ("n/a" if not math.isfinite(x) else f"{x:.1f}")
+
 
 def _fmt(v) -> str:
     if v is None:

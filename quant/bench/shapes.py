@@ -12,9 +12,9 @@ LINEAR_SHAPES: list[tuple[str, str, int, int]] = [
     ("wan22_5b", "self_attn.q/k/v/o, cross_attn.q/o", 3072, 3072),
     ("wan22_5b", "ffn.0", 3072, 14336),
     ("wan22_5b", "ffn.2", 14336, 3072),
-    ("wan14b", "self_attn.q/k/v/o, cross_attn.q/o", 5120, 5120),
-    ("wan14b", "ffn.0", 5120, 13824),
-    ("wan14b", "ffn.2", 13824, 5120),
+    ("wan21_t2v_14b", "self_attn.q/k/v/o, cross_attn.q/o", 5120, 5120),
+    ("wan21_t2v_14b", "ffn.0", 5120, 13824),
+    ("wan21_t2v_14b", "ffn.2", 13824, 5120),
 ]
 
 # Tokens per step: Z-Image 1024x1024 is 4096 image + text tokens; Wan 5B 1280x704x121 is 27280;

@@ -88,6 +88,14 @@ class WeightFormat:
         accumulation ([rows, 1], [] or None when already applied), as a scaled GEMM would."""
         return self.dequantize_rows(qw, start, stop, torch.float32), None
 
+    def check_compute(self, compute: str) -> str:
+        """`compute` if this format runs it ("auto" included), else a ValueError naming the modes."""
+        if compute != "auto" and compute not in self.computes:
+            raise ValueError(
+                f"compute mode {compute!r} is not one of {('auto', *self.computes)} for {self.name}"
+            )
+        return compute
+
     def quantize_activation_values(
         self, x: torch.Tensor, bits: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -34,8 +34,7 @@ def quantized_linear(
     if op.eager_ok(x, bias, qw.scale):
         return run_linear(x, qw, bias, compute, backend)
     fmt = get_format(qw.format)
-    if compute != "auto" and compute not in fmt.computes:
-        raise ValueError(f"compute mode {compute!r} is not one of {('auto', *fmt.computes)} for {fmt.name}")
+    fmt.check_compute(compute)
     if x.shape[-1] != qw.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the {fmt.name} weight expects {qw.shape[1]}")
     return op.linear_op(fmt.kind)(x, qw.qdata, qw.scale, bias, fmt.name, compute, backend or "")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import QuantizedWeight
+from ..formats import QuantizedWeight, get_format
 from .registry import resolve_run
 
 NAMESPACE = "onlinequant"
@@ -33,6 +33,7 @@ _KIND_TO_OP = {"fp8": "fp8_linear", "mxfp4": "mxfp4_linear"}
 _SCHEMA = (
     "(Tensor x, Tensor qdata, Tensor scale, Tensor? bias, str format, str compute, str backend) -> Tensor"
 )
+
 _LIB: torch.library.Library | None = None  # kept alive for the process: dropping it unregisters the ops
 
 
@@ -81,8 +82,6 @@ def _backward(ctx, grad):
     """Gradients for x (and bias) only, so LoRA/adapters before a frozen quantized Linear can
     train: d/dx = grad @ W with W the dequantized weight (straight-through for any activation
     quantization). The quantized weight itself gets no gradient."""
-    from ..formats import QuantizedWeight, get_format
-
     qdata, scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:

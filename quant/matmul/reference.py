@@ -24,12 +24,6 @@ from ..formats import FORMATS, QuantizedWeight, get_format
 _CHUNK_ELEMS = 1 << 22
 
 
-def _act_bits(compute: str, fmt_computes: tuple[str, ...]) -> str:
-    if compute not in fmt_computes:
-        raise ValueError(f"compute mode {compute!r} is not one of {fmt_computes} for this format")
-    return compute.split("a", 1)[1]  # "w8a16" -> "16"
-
-
 def _row_step(n: int, k: int) -> int:
     return max(1, min(n, _CHUNK_ELEMS // max(k, 1)))
 
@@ -41,7 +35,7 @@ def reference_linear(
     fmt = get_format(qw.format)
     if compute == "auto":
         compute = fmt.computes[-1]  # the weight-only mode: exact dequantize + matmul
-    act = _act_bits(compute, fmt.computes)
+    act = fmt.check_compute(compute).split("a", 1)[1]  # "w8a16" -> "16"
     n, k = qw.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the quantized weight expects {k}")

@@ -58,7 +58,14 @@ class DeviceInfo:
 class BackendChoice:
     name: str  # a registered backend name
     compute: str  # the compute mode it will run ("w8a8", "w4a16", ...)
-    reason: str  # why, in words (shown in the load report)
+    reason: str  # why this one, in words (shown in the load report)
+    skipped: tuple[tuple[str, str], ...] = ()  # (backend, why not) for those ranked above it
+
+    def describe(self) -> str:
+        """The reason, followed by why each higher-ranked backend was not chosen."""
+        if not self.skipped:
+            return self.reason
+        return f"{self.reason} (not chosen: " + "; ".join(f"{b}: {why}" for b, why in self.skipped) + ")"
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,6 @@ def device_info(device: torch.device | str) -> DeviceInfo:
 # --- selection -------------------------------------------------------------------------------
 
 
-def _validate_compute(fmt: WeightFormat, compute: str) -> None:
-    if compute != "auto" and compute not in fmt.computes:
-        raise ValueError(f"compute mode {compute!r} is not one of {('auto', *fmt.computes)} for {fmt.name}")
-
-
 def _computes_for(b: Backend, fmt: WeightFormat) -> tuple[str, ...]:
     return tuple(c for c in b.computes if c in fmt.computes)
 
@@ -222,7 +224,7 @@ def resolve_run(
 
 
 def _choose(fmt: WeightFormat, info: DeviceInfo, compute: str, forced: str | None) -> BackendChoice:
-    _validate_compute(fmt, compute)
+    fmt.check_compute(compute)
     _load_plugins()
     if forced:
         b = get_backend(forced)
@@ -240,23 +242,21 @@ def _choose(fmt: WeightFormat, info: DeviceInfo, compute: str, forced: str | Non
             )
         return BackendChoice(b.name, compute if compute != "auto" else modes[0], why)
 
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for b in registered_backends():
         modes = _computes_for(b, fmt)
         if fmt.kind not in b.kinds or not modes:
             continue
         ok, why = b.check(info, fmt)
         if not ok:
-            skipped.append(f"{b.name}: {why}")
+            skipped.append((b.name, why))
             continue
         if compute != "auto" and compute not in modes:
-            skipped.append(f"{b.name}: runs {', '.join(modes)}, not {compute}")
+            skipped.append((b.name, f"runs {', '.join(modes)}, not {compute}"))
             continue
         mode = modes[0] if compute == "auto" else compute
         reason = why if b.name != "reference" else _reference_reason(info, fmt, mode)
-        if skipped:
-            reason += " (not chosen: " + "; ".join(skipped) + ")"
-        return BackendChoice(b.name, mode, reason)
+        return BackendChoice(b.name, mode, reason, tuple(skipped))
     raise BackendUnavailableError(  # only reachable if someone unregistered the reference
         f"no registered backend runs {fmt.name} {compute} on {info.describe()}"
     )

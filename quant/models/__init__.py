@@ -1,11 +1,12 @@
 """Model families, one module each (see base.py): the one place model knowledge lives."""
 
-# isort: skip_file  (the order is the registration order: generic, the fallback, comes last)
-from . import (
-    generic,
-    wan,
-    zimage,  # each module registers its family, detector and reference models on import
-)
+# Each family module registers its family, detector and reference models on import; the order
+# of these lines is the order families are listed in.
+# fmt: off
+from . import zimage  # isort: skip
+from . import wan  # isort: skip
+from . import generic  # isort: skip
+# fmt: on
 from .base import (
     FAMILIES,
     FAMILY_ALIASES,
@@ -13,11 +14,13 @@ from .base import (
     Family,
     FusedLayer,
     IgnoreRule,
+    ReferenceModel,
     default_ignore_text,
     describe_model,
     detect_family,
     family_choices,
     get_family,
+    get_reference,
     reference_linear_shapes,
     reference_shapes,
     register_family,
@@ -30,6 +33,7 @@ __all__ = [
     "REFERENCE_MODELS",
     "Family",
     "FusedLayer",
+    "ReferenceModel",
     "IgnoreRule",
     "default_ignore_text",
     "describe_model",
@@ -37,6 +41,7 @@ __all__ = [
     "family_choices",
     "generic",
     "get_family",
+    "get_reference",
     "reference_linear_shapes",
     "reference_shapes",
     "register_family",

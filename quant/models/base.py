@@ -11,7 +11,7 @@ Layer names are ComfyUI's (without the ``diffusion_model.`` prefix).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import PatternError
 from ..selection.patterns import PatternSet, parse_patterns, strip_prefix
@@ -21,6 +21,8 @@ __all__ = [
     "FAMILY_ALIASES",
     "REFERENCE_MODELS",
     "Family",
+    "ReferenceModel",
+    "get_reference",
     "FusedLayer",
     "IgnoreRule",
     "default_ignore_text",
@@ -77,10 +79,25 @@ LinearShapes = list[tuple[str, int, int]]
 FAMILIES: dict[str, Family] = {}
 FAMILY_ALIASES: dict[str, str] = {}
 _DETECTORS: list[Detector] = []
-# Full-size reference models (shapes from the published configs, no weights): name -> (family key,
-# Linear shapes builder, the other tensors detection looks at). Used by the CLI's `--reference`,
-# the benchmarks and the tests.
-REFERENCE_MODELS: dict[str, tuple[str, Callable[[], LinearShapes], Callable[[], dict]]] = {}
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A full-size model of a family, by its published config (shapes only, no weights). Used by the
+    CLI's `--reference`, the benchmarks and the tests; its `name` is the one name it has anywhere."""
+
+    name: str
+    family: str
+    linears: Callable[[], LinearShapes]  # every Linear, in file order
+    detected_tensors: Callable[[], dict[str, tuple[int, ...]]]  # the other tensors detection reads
+    # ComfyUI's model class ("module:Class") and its constructor options, for benchmarks that build
+    # the real model with random weights; empty when ComfyUI has no class for it here.
+    comfy_class: str = ""
+    comfy_config: Mapping[str, object] = field(default_factory=dict)
+    description: str = ""
+
+
+REFERENCE_MODELS: dict[str, ReferenceModel] = {}
 
 
 def register_family(
@@ -88,7 +105,7 @@ def register_family(
     *,
     aliases: Sequence[str] = (),
     detect: Detector | None = None,
-    references: Mapping[str, tuple[Callable[[], LinearShapes], Callable[[], dict]]] | None = None,
+    references: Sequence[ReferenceModel] = (),
 ) -> Family:
     """Add a family with its other names, its detector and its reference models."""
     for name in (family.key, *aliases):
@@ -98,12 +115,13 @@ def register_family(
     FAMILY_ALIASES.update(dict.fromkeys(aliases, family.key))
     if detect is not None:
         _DETECTORS.append(detect)
-    for name, (linears, extras) in (references or {}).items():
-        REFERENCE_MODELS[name] = (family.key, linears, extras)
+    for ref in references:
+        REFERENCE_MODELS[ref.name] = ref
     return family
 
 
-def _reference(model: str) -> tuple[str, Callable[[], LinearShapes], Callable[[], dict]]:
+def get_reference(model: str) -> ReferenceModel:
+    """The reference model named `model` (ValueError listing the known names)."""
     try:
         return REFERENCE_MODELS[model]
     except KeyError:
@@ -112,7 +130,7 @@ def _reference(model: str) -> tuple[str, Callable[[], LinearShapes], Callable[[]
 
 def reference_linear_shapes(model: str) -> LinearShapes:
     """(name, out_features, in_features) of every Linear of a full-size reference model, in file order."""
-    return _reference(model)[1]()
+    return get_reference(model).linears()
 
 
 def reference_shapes(model: str) -> dict[str, tuple[int, ...]]:
@@ -122,7 +140,7 @@ def reference_shapes(model: str) -> dict[str, tuple[int, ...]]:
     for name, out_features, in_features in reference_linear_shapes(model):
         shapes[f"{name}.weight"] = (out_features, in_features)
         shapes[f"{name}.bias"] = (out_features,)
-    shapes.update(_reference(model)[2]())
+    shapes.update(get_reference(model).detected_tensors())
     return shapes
 
 

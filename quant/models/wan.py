@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .base import Family, IgnoreRule, register_family, shape_of
+from .base import Family, IgnoreRule, ReferenceModel, register_family, shape_of
 
 # Reported for Wan 2.2 (online W8A8): FP8 in attention + FFN collapsed on long videos while
 # FFN-only stayed stable, so the default keeps both attentions in bf16 (the only setting known stable).
@@ -111,7 +111,46 @@ def reference_linears(
     return out
 
 
-def _reference(dim: int, ffn: int, blocks: int, head_out: int, i2v: bool):
+# ComfyUI's WanModel options (what its model detection sets for these files).
+WAN14B_CONFIG = dict(
+    model_type="t2v",
+    patch_size=(1, 2, 2),
+    text_len=512,
+    in_dim=16,
+    dim=5120,
+    ffn_dim=13824,
+    freq_dim=256,
+    text_dim=4096,
+    out_dim=16,
+    num_heads=40,
+    num_layers=40,
+)
+WAN5B_CONFIG = dict(
+    model_type="t2v",
+    patch_size=(1, 2, 2),
+    text_len=512,
+    in_dim=48,
+    dim=3072,
+    ffn_dim=14336,
+    freq_dim=256,
+    text_dim=4096,
+    out_dim=48,
+    num_heads=24,
+    num_layers=30,
+)
+
+
+def _reference(
+    name: str,
+    family: str,
+    dim: int,
+    ffn: int,
+    blocks: int,
+    head_out: int,
+    i2v: bool,
+    config: dict | None,
+    description: str,
+) -> ReferenceModel:
     def detected_tensors() -> dict[str, tuple[int, ...]]:
         return {
             "head.modulation": (1, 2, dim),
@@ -119,17 +158,40 @@ def _reference(dim: int, ffn: int, blocks: int, head_out: int, i2v: bool):
             "blocks.0.norm3.weight": (dim,),
         }
 
-    return (lambda: reference_linears(dim, ffn, blocks, head_out, i2v)), detected_tensors
+    return ReferenceModel(
+        name,
+        family,
+        lambda: reference_linears(dim, ffn, blocks, head_out, i2v),
+        detected_tensors,
+        "comfy.ldm.wan.model:WanModel" if config else "",
+        config or {},
+        description,
+    )
 
 
 register_family(
     WAN21,
     aliases=("wan22_14b", "wan"),
     detect=detect,
-    references={
-        "wan21_t2v_14b": _reference(5120, 13824, 40, 64, False),
-        "wan21_i2v_14b": _reference(5120, 13824, 40, 64, True),
-        "wan21_t2v_1.3b": _reference(1536, 8960, 30, 64, False),
-    },
+    references=[
+        _reference(
+            "wan21_t2v_14b",
+            "wan21",
+            5120,
+            13824,
+            40,
+            64,
+            False,
+            WAN14B_CONFIG,
+            "Wan 2.1 T2V 14B / Wan 2.2 A14B expert",
+        ),
+        _reference("wan21_i2v_14b", "wan21", 5120, 13824, 40, 64, True, None, "Wan 2.1 I2V 14B"),
+        _reference("wan21_t2v_1.3b", "wan21", 1536, 8960, 30, 64, False, None, "Wan 2.1 T2V 1.3B"),
+    ],
 )
-register_family(WAN22_5B, references={"wan22_5b": _reference(3072, 14336, 30, 192, False)})
+register_family(
+    WAN22_5B,
+    references=[
+        _reference("wan22_5b", "wan22_5b", 3072, 14336, 30, 192, False, WAN5B_CONFIG, "Wan 2.2 TI2V 5B"),
+    ],
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .base import Family, FusedLayer, IgnoreRule, register_family, shape_of
+from .base import Family, FusedLayer, IgnoreRule, ReferenceModel, register_family, shape_of
 
 # Reported for Z-Image-Turbo: FP8 on every Linear gave noise (LPIPS 0.74); keeping the
 # sensitive layers below in bf16 gave 0.07. They are also a small share of the weights (about 2%).
@@ -98,6 +98,40 @@ def _detected_tensors() -> dict[str, tuple[int, ...]]:
     return {"cap_embedder.0.weight": (2560,), "x_pad_token": (1, 3840)}
 
 
+# ComfyUI's NextDiT options for Z-Image-Turbo (what its model detection sets at width 3840).
+COMFY_CONFIG = dict(
+    patch_size=2,
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    multiple_of=256,
+    ffn_dim_multiplier=8.0 / 3.0,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+    rope_theta=256.0,
+    z_image_modulation=True,
+    time_scale=1000.0,
+    pad_tokens_multiple=32,
+)
+
 register_family(
-    FAMILY, aliases=("z-image",), detect=detect, references={"zimage": (reference_linears, _detected_tensors)}
+    FAMILY,
+    aliases=("z-image",),
+    detect=detect,
+    references=[
+        ReferenceModel(
+            "zimage",
+            "zimage",
+            reference_linears,
+            _detected_tensors,
+            "comfy.ldm.lumina.model:NextDiT",
+            COMFY_CONFIG,
+            "Z-Image-Turbo 6B",
+        ),
+    ],
 )

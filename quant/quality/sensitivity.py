@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import SensitivityRuleError
+from ..formats import get_format
+from .weights import measure_weight_sqnr, other_param_bytes
 
 
 def _ranked_worst_first(errors: Mapping[str, float]) -> list[str]:
@@ -166,8 +168,6 @@ def plan_with_sensitivity(plan, tensors, rule: SensitivityRule | str | None, **k
         rule = parse_sensitivity_rule(rule)
     if not rule.active:
         return plan, [], ""
-    from .weights import measure_weight_sqnr, other_param_bytes
-
     mkw = {k: kw.pop(k) for k in ("device", "rows") if k in kw}
     shapes = kw.pop("shapes", None)
     if shapes is not None and "other_bytes" not in kw:
@@ -184,7 +184,11 @@ def plan_with_sensitivity(plan, tensors, rule: SensitivityRule | str | None, **k
 
 
 def apply_sensitivity(
-    plan, per_layer_sqnr: Mapping[str, float], rule: SensitivityRule | str | None, *, other_bytes: int = 0,
+    plan,
+    per_layer_sqnr: Mapping[str, float],
+    rule: SensitivityRule | str | None,
+    *,
+    other_bytes: int = 0,
     dtype_bytes: int = 2,
 ):
     """Return `(new_plan, kept_names)`: `plan` (a selection.QuantPlan, not modified) with the
@@ -201,8 +205,6 @@ def apply_sensitivity(
         rule = parse_sensitivity_rule(rule)
     if not rule.active:
         return plan, []
-    from ..formats import get_format
-
     packed = plan.packed_nbytes or get_format(plan.format).packed_nbytes
     cands = {d.name: d for d in plan.quantized() if d.name in per_layer_sqnr}
     errors = {n: float(per_layer_sqnr[n]) for n in cands}
@@ -233,5 +235,3 @@ def apply_sensitivity(
         for d in plan.decisions
     ]
     return dataclasses.replace(plan, decisions=decisions), kept
-
-

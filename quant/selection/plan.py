@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import PatternError
+from ..formats import get_format
 from ..models import FusedLayer, default_ignore_text, detect_family, get_family, reference_linear_shapes
 from .patterns import PatternSet, parse_patterns, strip_prefix
 
@@ -144,7 +145,7 @@ class QuantPlan:
             f"min_out_features {self.min_out_features}",
             f"{len(self.decisions)} Linear layers: quantize {len(q)} ({_params(q)} weights), "
             f"keep {len(k)} ({_params(k)} weights)",
-            f"Linear weights: {_gib(before)} -> {_gib(after)}{ratio}",
+            f"Linear weights: {format_bytes(before)} -> {format_bytes(after)}{ratio}",
         ]
         if q:
             lines.append("quantize:")
@@ -188,7 +189,8 @@ def _params(ds: Sequence[LayerDecision]) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes for people: GiB from 128 MiB up, MiB below (the plan, the CLI and the load report)."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
@@ -227,8 +229,6 @@ def compact_names(names: Sequence[str]) -> list[str]:
 
 
 def _get_format(name: str):
-    from ..formats import get_format  # lazy: selection works on names/shapes alone
-
     return get_format(name)
 
 

@@ -335,7 +335,7 @@ def test_memory_bench_checkpoint_is_a_valid_wan22_5b_file(comfyui_path, tmp_path
     from quant.checkpoint import read_header
     from quant.models import detect_family
 
-    shapes = memory.wan5b_shapes(1)
+    shapes = memory.wan22_5b_shapes(1)
     p = tmp_path / "wan5b_1block.safetensors"
     size = memory.write_checkpoint(p, shapes)
     h = read_header(p)

@@ -84,7 +84,7 @@ def test_plan_json(wan_file, capsys):
 
 
 def test_plan_measure_streams_sqnr(wan_file, capsys, monkeypatch):
-    import quant.checkpoint as safetensors_header
+    import quant.cli as safetensors_header  # the CLI reads tensors through its iter_tensors
 
     seen = []
     real_iter = safetensors_header.iter_tensors
@@ -228,7 +228,7 @@ def sparse_checkpoint(path: Path, shapes: dict) -> Path:
 
 
 def test_plan_full_size_sparse_file_reads_header_only(tmp_path, capsys, monkeypatch):
-    import quant.checkpoint as safetensors_header
+    import quant.cli as safetensors_header  # the CLI reads tensors through its iter_tensors
     from quant.models import reference_shapes
 
     p = sparse_checkpoint(tmp_path / "wan14b.safetensors", reference_shapes("wan21_t2v_14b"))

@@ -127,7 +127,7 @@ def test_cpu_uses_reference_with_reason(builtin_only):
     c = choose_backend("fp8_e4m3fn", "cpu")
     assert isinstance(c, BackendChoice)
     assert c.name == "reference" and c.compute == "w8a16"
-    assert "cpu" in c.reason and "scaled_mm" in c.reason
+    assert "cpu" in c.describe() and "scaled_mm" in c.describe()
     c = choose_backend("mxfp4", torch.device("cpu"), "w4a4")
     assert c.name == "reference" and c.compute == "w4a4" and "emulation" in c.reason
 
@@ -161,13 +161,14 @@ def test_gpu_dispatch(fake_gpu, vendor, cap, arch, fmt, expected):
     c = choose_backend(fmt, dev)
     assert (c.name, c.compute) == expected, c.reason
     if c.name == "reference":
-        assert "scaled_mm" in c.reason  # says why the faster path was not taken
+        assert "scaled_mm" in c.describe()  # says why the faster path was not taken
+        assert "scaled_mm" in dict(c.skipped)
 
 
 def test_gpu_forced_compute_falls_back_with_reason(fake_gpu):
     dev = fake_gpu("nvidia", (9, 0))
     c = choose_backend("fp8", dev, "w8a16")
-    assert c.name == "reference" and "runs w8a8, not w8a16" in c.reason
+    assert c.name == "reference" and "runs w8a8, not w8a16" in c.describe()
     dev = fake_gpu("nvidia", (8, 0))
     c = choose_backend("fp8", dev, "w8a8")
     assert c.name == "reference" and c.compute == "w8a8" and "sm_89" in c.reason

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from quant.bench import ablation as ab
 from quant.bench import quality as qb
 
 
@@ -77,15 +78,15 @@ def test_unknown_model_is_an_error(capsys):
 
 
 def test_ablation_quick_orders_groups():
-    res = qb.ablation(quick=True)
+    res = ab.ablation(quick=True)
     g = res["groups"]
     assert g["all"]["params_share"] == pytest.approx(1.0)
-    for scheme in qb.ABLATION_SCHEMES:
+    for scheme in ab.ABLATION_SCHEMES:
         # quantizing more layers adds error: one family < all-but-defaults < all
         assert g["all"][scheme] < g["all but defaults"][scheme]
-        for name in qb.ABLATION_GROUPS:
+        for name in ab.ABLATION_GROUPS:
             assert g[name][scheme] > g["all"][scheme]
     for name, d in g.items():
         assert d["FP8 W8A8"] > d["MXFP4 W4A16"], name
-    md = qb.ablation_markdown(res)
+    md = ab.ablation_markdown(res)
     assert "| all but defaults |" in md
