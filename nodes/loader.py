@@ -1,13 +1,11 @@
 """`load_quantized`: load a diffusion model file through ComfyUI, quantizing Linear layers online.
 
 Plain Python (no node machinery), so the loader node, the compare node, tests and scripts all
-call the same function. Steps: read the file with ComfyUI's `load_torch_file`; detect the family
-and list the Linear layers from the tensor shapes (quant.selection.plan); build the plan; build a
-fresh ops class (nodes/ops.py); let ComfyUI build and load the model with
+call the same function. Steps: read the header and plan the file with
+`quant.selection.checkpoint_plan.plan_checkpoint` (the web preview and the CLI call the same
+function, so the three agree on every file: planned alike, or refused with the same message);
+build a fresh ops class (nodes/ops.py); let ComfyUI build and load the model with
 `model_options["custom_operations"]`, so each layer is quantized as ComfyUI loads it.
-
-The ignored-layers text (node field and `ignore_text` argument) is read by
-`quant.selection.user_text.plan_from_text`, as the preview route and the CLI read it.
 
 A failed load raises and leaves nothing behind: no module-level cache holds the partial model,
 the state dict is dropped, and the GPU cache is emptied.
@@ -29,15 +27,12 @@ from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header
 from ..quant.errors import CheckpointError
 from ..quant.formats import FORMATS, get_format
 from ..quant.matmul.registry import choose_backend
-from ..quant.models import detect_family
-from ..quant.selection.plan import linears_from_shapes
-from ..quant.selection.user_text import plan_from_text
+from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
 from .ops import make_ops
 from .report import LayerRecord, LoadReport
 
 log = logging.getLogger(__name__)
 
-NO_QUANTIZATION = "none"
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -108,26 +103,25 @@ def load_quantized(
         quantization = get_format(quantization).name  # unknown -> ValueError listing the formats
 
     name = os.path.basename(unet_path)
-    prequantized_note = None
-    header = None
+    fmt_name = NO_QUANTIZATION if plain else quantization
+    header = kind = cp = None
     if unet_path.lower().endswith((".safetensors", ".sft")):
-        # Validate the header first: LFS pointers, HTML pages, truncated or
-        # malformed files get an error naming the file and what it is, before ComfyUI reads it.
+        # Validate the header first: LFS pointers, HTML pages, truncated or malformed files get an
+        # error naming the file and what it is, and the plan (or the refusal) is the preview's and
+        # the CLI's, all before ComfyUI reads a byte of tensor data.
         header = read_header(unet_path)
         kind = classify_checkpoint(header)
-        if kind.prequantized:
-            if not kind.comfyui_loads:
-                raise CheckpointError(
-                    f"{unet_path}: already quantized ({kind.detail}; e.g. {', '.join(kind.examples)}); "
-                    "ComfyUI cannot load it: use the bf16/fp16 file of this model"
-                )
-            if not plain:
-                prequantized_note = (
-                    f"the file is already quantized ({kind.detail}): loaded as it is, no online quantization"
-                )
-                plain = True
+        cp = plan_checkpoint(
+            header.shapes(),
+            fmt_name,
+            ignore_text,
+            family=family or "auto",
+            min_out_features=min_out_features,
+            kind=kind,
+            file=unet_path,
+        )
     try:
-        if header is not None and prequantized_note is None and not kind.prequantized:
+        if header is not None and not kind.prequantized:
             # Tensors read with pread when each layer loads (lazy_state_dict): no mmap, so a
             # file truncated mid-load raises CheckpointError instead of SIGBUS killing ComfyUI,
             # and host RAM holds about one bf16 tensor beyond the (quantized) model.
@@ -137,31 +131,31 @@ def load_quantized(
     except Exception as e:
         raise CheckpointError(f"{unet_path}: cannot read the model file ({type(e).__name__}: {e})") from e
     shapes = _shapes(sd)
-    layers = linears_from_shapes(shapes)
-    detected = detect_family(list(shapes), shapes)
-    fam = family or detected
-    report = LoadReport(model_file=name, format=quantization, family=fam, compute_dtype=compute_dtype)
-    if prequantized_note:
-        report.notes.append(prequantized_note)
-    if family and family != detected:
-        report.notes.append(f"family set to {family!r} (detected {detected!r})")
-    if fam == "generic":
-        report.notes.append(
-            "no tuned defaults for this model: generic rules (size threshold, format limits) apply"
+    if cp is None:  # not a safetensors file: planned from the state dict ComfyUI read
+        cp = plan_checkpoint(
+            shapes,
+            fmt_name,
+            ignore_text,
+            family=family or "auto",
+            min_out_features=min_out_features,
+            file=unet_path,
         )
+    plain = not cp.quantize
+    report = LoadReport(model_file=name, format=quantization, family=cp.family, compute_dtype=compute_dtype)
+    report.notes.extend(cp.notes)
 
     model_options: dict = {}
     if dtype is not None:
         model_options["dtype"] = dtype
     ops = None
     if not plain:
-        plan, _ = plan_from_text(layers, quantization, ignore_text, fam, min_out_features)
+        plan = cp.plan
         if keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
             from ..quant.quality import plan_with_sensitivity
 
             plan, _, note = plan_with_sensitivity(plan, sd, keep_sensitive, shapes=shapes)
             report.notes.append(note)
-        report.warnings.extend(plan.warnings)
+        report.warnings.extend(cp.warnings)
         report.plan_summary = plan.summary()
         ops = make_ops(
             plan,

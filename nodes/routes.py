@@ -9,7 +9,7 @@ one of ComfyUI's `diffusion_models` file names, exactly as `/object_info` lists 
 else (paths, `..`, absolute names) reaches the filesystem.
 
 Query: model=<diffusion_models name>, format=<the loader's `quantization` choice>,
-ignore=<ignored-layers text, read as the loader reads it (quant/selection/user_text.py)>,
+ignore=<ignored-layers text, read as the loader reads it (quant/selection/checkpoint_plan.py)>,
 min_out=<int, default 256>. The body is `QuantPlan.to_dict()` plus model, family, default_ignore,
 counts.kept_by_source, header and errors.
 Every failure is a JSON body `{"error": ...}` with a 4xx status, never a 500: a preview must
@@ -54,8 +54,8 @@ class RouteError(Exception):
 class HeaderInfo:
     """What the preview needs from one file's header (cached)."""
 
-    layers: tuple  # tuple[LinearInfo, ...]
-    family: str
+    shapes: dict  # {tensor name: shape}
+    kind: Any  # quant.checkpoint.CheckpointKind: already quantized or not
     dtype_bytes: int
     tensors: int
     file_size: int
@@ -88,10 +88,8 @@ def _model_path(name: str) -> str:
 
 def _read_header_info(path: str, name: str) -> HeaderInfo:
     """Parse the header (worker thread), capped at MAX_HEADER_BYTES; cached by (path, mtime, size)."""
-    from ..quant.checkpoint import read_header
+    from ..quant.checkpoint import classify_checkpoint, read_header
     from ..quant.errors import CheckpointError, HeaderTooLargeError
-    from ..quant.models import detect_family
-    from ..quant.selection.plan import linears_from_shapes
 
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
@@ -107,14 +105,17 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
     except CheckpointError as e:
         # e.reason is the message without the server-side path (never echo paths to the page)
         raise RouteError(422, f"{name}: {e.reason}") from None
-    shapes = header.shapes()
-    layers = tuple(linears_from_shapes(shapes))
-    family = detect_family(list(shapes), shapes)
     weight_dtypes = collections.Counter(
         e.dtype for k, e in header.tensors.items() if k.endswith(".weight") and len(e.shape) == 2
     )
     dtype = weight_dtypes.most_common(1)[0][0] if weight_dtypes else "BF16"
-    info = HeaderInfo(layers, family, _DTYPE_BYTES.get(dtype, 2), len(header.tensors), header.file_size)
+    info = HeaderInfo(
+        header.shapes(),
+        classify_checkpoint(header),
+        _DTYPE_BYTES.get(dtype, 2),
+        len(header.tensors),
+        header.file_size,
+    )
     with _cache_lock:
         _cache[key] = info
         while len(_cache) > CACHE_ENTRIES:
@@ -123,17 +124,18 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
 
 
 def _plan_json(info: HeaderInfo, name: str, fmt: str, ignore: str | None, min_out: int) -> dict:
-    """The plan as the loader would build it (same ignore-text rules, same build_plan)."""
-    from ..quant.errors import PatternError
-    from ..quant.models import default_ignore_text
-    from ..quant.selection.user_text import plan_from_text
-    from .loader import NO_QUANTIZATION
+    """The plan as the loader would build it: the same `plan_checkpoint`, the same refusals."""
+    from ..quant.errors import CheckpointError, PatternError
+    from ..quant.models import default_ignore_text, detect_family
+    from ..quant.selection.checkpoint_plan import plan_checkpoint
+    from ..quant.selection.plan import linears_from_shapes
 
-    names = [li.name for li in info.layers]
+    family = detect_family(list(info.shapes), info.shapes)
+    names = [li.name for li in linears_from_shapes(info.shapes)]
     extra = {
         "model": name,
-        "family": info.family,
-        "default_ignore": default_ignore_text(info.family, names),
+        "family": family,
+        "default_ignore": default_ignore_text(family, names),  # the panel offers them, errors included
         "header": {
             "tensors": info.tensors,
             "file_size": info.file_size,
@@ -141,32 +143,21 @@ def _plan_json(info: HeaderInfo, name: str, fmt: str, ignore: str | None, min_ou
         },
         "errors": [],
     }
-    if fmt == NO_QUANTIZATION:  # a plain load: every layer stays as it is
-        nbytes = sum(li.out_features * li.in_features for li in info.layers) * info.dtype_bytes
-        n = len(info.layers)
-        return {
-            **extra,
-            "format": fmt,
-            "counts": {"layers": n, "quantized": 0, "kept": n, "kept_by_source": {"none": n} if n else {}},
-            "bytes_before": nbytes,
-            "bytes_after": nbytes,
-            "warnings": [],
-            "decisions": [
-                {"name": li.name, "out_features": li.out_features, "in_features": li.in_features,
-                 "quantize": False, "reason": "quantization none", "source": "none", "pattern": None}
-                for li in info.layers
-            ],
-        }
     try:
-        plan, uses_defaults = plan_from_text(info.layers, fmt, ignore, info.family, min_out)
+        cp = plan_checkpoint(info.shapes, fmt, ignore, min_out_features=min_out, kind=info.kind, file=name)
+    except CheckpointError as e:
+        raise RouteError(422, f"{name}: {e.reason}", kind="checkpoint", format=fmt, **extra) from None
     except PatternError as e:
         raise RouteError(400, str(e), kind="pattern", format=fmt, **extra) from None
     except (ValueError, KeyError) as e:  # unknown format and other bad parameters
         raise RouteError(400, str(e).strip("'\""), kind="bad_request", format=fmt, **extra) from None
-    body = plan.to_dict(info.dtype_bytes)
+    body = cp.plan.to_dict(info.dtype_bytes)
     body.update(extra)
-    body["uses_defaults"] = uses_defaults
-    by_source = collections.Counter(d.source for d in plan.kept())
+    body["format"] = fmt
+    body["uses_defaults"] = cp.uses_defaults
+    body["notes"] = cp.notes
+    body["warnings"] = cp.warnings
+    by_source = collections.Counter(d.source for d in cp.plan.kept())
     body["counts"]["kept_by_source"] = dict(sorted(by_source.items()))
     return body
 

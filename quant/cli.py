@@ -32,20 +32,15 @@ from .formats import FORMATS, get_format
 from .models import (
     REFERENCE_MODELS,
     default_ignore_text,
-    describe_model,
-    detect_family,
     family_choices,
-    get_family,
     reference_shapes,
 )
 from .quality import sqnr_from_sums
+from .selection.checkpoint_plan import plan_checkpoint
 from .selection.patterns import strip_prefix
 from .selection.plan import (
-    LinearInfo,
     QuantPlan,
-    linears_from_shapes,
 )
-from .selection.user_text import plan_from_text
 
 EXIT_USAGE = 2
 
@@ -65,47 +60,38 @@ def _read_ignore(value: str | None) -> str | None:
     return value
 
 
-def _plan_inputs(args) -> tuple[list[LinearInfo], dict, str, object]:
-    """(layers, shapes, description, header or None) for a file or a --reference model."""
+def _plan_inputs(args) -> tuple[dict, str, object, object]:
+    """(shapes, description, header or None, checkpoint kind or None) for a file or a --reference model."""
     if args.reference:
         if args.reference not in REFERENCE_MODELS:
             raise UserError(f"--reference {args.reference!r}: known models are {', '.join(REFERENCE_MODELS)}")
         if args.file or args.measure:
             raise UserError("--reference plans a model without a file: give either FILE or --reference")
         shapes = reference_shapes(args.reference)
-        return (
-            linears_from_shapes(shapes),
-            shapes,
-            f"reference {args.reference} (shapes of the published configs)",
-            None,
-        )
+        return shapes, f"reference {args.reference} (shapes of the published configs)", None, None
     if not args.file:
         raise UserError("plan: give a .safetensors FILE (or --reference MODEL)")
     header = read_header(args.file)
-    kind = classify_checkpoint(header)
-    if kind.prequantized:
-        # Planning online quantization of already-quantized weights would print a wrong plan.
-        raise UserError(f"{args.file}: {kind.note}")
-    shapes = header.shapes()
-    return linears_from_shapes(shapes), shapes, args.file, header
+    return header.shapes(), args.file, header, classify_checkpoint(header)
 
 
 def run_plan(args: argparse.Namespace, out=print) -> QuantPlan:
-    layers, shapes, what, header = _plan_inputs(args)
-    if not layers:
-        raise UserError(f"{what}: no Linear weights (2-D '.weight' tensors) found")
-    family = detect_family(shapes, shapes) if args.family == "auto" else args.family
-    get_family(family)  # validate early
+    shapes, what, header, kind = _plan_inputs(args)
     ignore = _read_ignore(args.ignore)
-    plan, _ = plan_from_text(layers, args.format, ignore, family, args.min_out)
+    cp = plan_checkpoint(
+        shapes, args.format, ignore, family=args.family, min_out_features=args.min_out, kind=kind, file=what
+    )
+    plan = cp.plan
     sqnr: dict[str, float] = {}
-    if args.measure:
+    if args.measure and cp.quantize:
         sqnr = _measure(args.file, header, plan, args.device)
     if args.json:
         d = plan.to_dict()
-        d["model"] = describe_model(shapes, shapes)
+        d["model"] = cp.description
         d["source"] = what
-        d["default_ignore_text"] = default_ignore_text(family, [li.name for li in layers])
+        d["default_ignore_text"] = default_ignore_text(cp.family, [x.name for x in plan.decisions])
+        d["notes"] = cp.notes
+        d["warnings"] = cp.warnings
         if args.measure:
             d["sqnr_db"] = {k: (v if math.isfinite(v) else str(v)) for k, v in sqnr.items()}
             for dec in d["decisions"]:
@@ -113,9 +99,13 @@ def run_plan(args: argparse.Namespace, out=print) -> QuantPlan:
                 dec["sqnr_db"] = None if v is None else (v if math.isfinite(v) else str(v))
         out(json.dumps(d, indent=2))
         return plan
-    out(f"{what}: {describe_model(shapes, shapes)}")
+    out(f"{what}: {cp.description}")
     out(plan.summary())
-    if args.measure:
+    for note in cp.notes:
+        out(f"note: {note}")
+    for w in cp.warnings[len(plan.warnings) :]:
+        out(f"warning: {w}")
+    if args.measure and sqnr:
         out("")
         out(f"weight SQNR per quantized layer ({plan.format}, dB; worst first):")
         for name, v in sorted(sqnr.items(), key=lambda kv: kv[1]):

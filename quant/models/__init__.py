@@ -16,6 +16,7 @@ from .base import (
     IgnoreRule,
     ReferenceModel,
     default_ignore_text,
+    default_rules,
     describe_model,
     detect_family,
     family_choices,
@@ -25,6 +26,7 @@ from .base import (
     reference_shapes,
     register_family,
     shape_of,
+    unloadable_layout,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "ReferenceModel",
     "IgnoreRule",
     "default_ignore_text",
+    "default_rules",
     "describe_model",
     "detect_family",
     "family_choices",
@@ -46,6 +49,7 @@ __all__ = [
     "reference_shapes",
     "register_family",
     "shape_of",
+    "unloadable_layout",
     "wan",
     "zimage",
 ]

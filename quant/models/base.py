@@ -26,12 +26,14 @@ __all__ = [
     "FusedLayer",
     "IgnoreRule",
     "default_ignore_text",
+    "default_rules",
     "describe_model",
     "detect_family",
     "family_choices",
     "get_family",
     "register_family",
     "shape_of",
+    "unloadable_layout",
 ]
 
 
@@ -70,6 +72,8 @@ class Family:
     describe: Callable[[set[str], Mapping[str, Sequence[int]] | None], str] | None = None
 
 
+# names -> why ComfyUI cannot load a file in this layout (and what to use instead), or None.
+LayoutCheck = Callable[[set[str]], "str | None"]
 # (names, shapes) -> family key or None. Detectors run in registration order; the first answer wins.
 Detector = Callable[[set[str], "Mapping[str, Sequence[int]] | None"], "str | None"]
 # (layer name, out_features, in_features) of a full-size model, in file order.
@@ -79,6 +83,7 @@ LinearShapes = list[tuple[str, int, int]]
 FAMILIES: dict[str, Family] = {}
 FAMILY_ALIASES: dict[str, str] = {}
 _DETECTORS: list[Detector] = []
+_LAYOUT_CHECKS: list[LayoutCheck] = []
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,10 @@ def register_family(
     aliases: Sequence[str] = (),
     detect: Detector | None = None,
     references: Sequence[ReferenceModel] = (),
+    unloadable_layout: LayoutCheck | None = None,
 ) -> Family:
-    """Add a family with its other names, its detector and its reference models."""
+    """Add a family with its other names, its detector, its reference models and a check that
+    recognises files of this model in a layout ComfyUI does not load (e.g. diffusers names)."""
     for name in (family.key, *aliases):
         if name in FAMILIES or name in FAMILY_ALIASES:
             raise ValueError(f"model family name {name!r} is registered twice")
@@ -115,6 +122,8 @@ def register_family(
     FAMILY_ALIASES.update(dict.fromkeys(aliases, family.key))
     if detect is not None:
         _DETECTORS.append(detect)
+    if unloadable_layout is not None:
+        _LAYOUT_CHECKS.append(unloadable_layout)
     for ref in references:
         REFERENCE_MODELS[ref.name] = ref
     return family
@@ -158,6 +167,19 @@ def get_family(key: str) -> Family:
         raise PatternError(f"unknown model family {key!r}; known: {', '.join(family_choices())}") from None
 
 
+def default_rules(family: str, names: Iterable[str] | None = None) -> list[IgnoreRule]:
+    """The family's default ignore rules; with ``names`` (the model's Linear layer names), only those
+    that match one of them (e.g. no I2V-only lines on a T2V model)."""
+    rules = list(get_family(family).ignore)
+    if names is None:
+        return rules
+    ps = PatternSet(parse_patterns("\n".join(r.pattern for r in rules)))
+    hit: set[int] = set()
+    for n in names:
+        hit.update(ps.match(strip_prefix(n)))
+    return [r for i, r in enumerate(rules) if i in hit]
+
+
 def default_ignore_text(family: str, names: Iterable[str] | None = None) -> str:
     """The default ignore text the loader node shows: one pattern per line with ``# reason``.
 
@@ -165,14 +187,7 @@ def default_ignore_text(family: str, names: Iterable[str] | None = None) -> str:
     layers on a T2V model) are left out, so the defaults never produce "matched nothing" warnings.
     """
     fam = get_family(family)
-    rules = list(fam.ignore)
-    if names is not None:
-        names = [strip_prefix(n) for n in names]
-        ps = PatternSet(parse_patterns("\n".join(r.pattern for r in rules)))
-        hit: set[int] = set()
-        for n in names:
-            hit.update(ps.match(n))
-        rules = [r for i, r in enumerate(rules) if i in hit]
+    rules = default_rules(family, names)
     width = max((len(r.pattern) for r in rules), default=0)
     lines = [f"# {fam.display_name}: layers kept in bf16 (one pattern per line, '#' starts a comment)"]
     for r in rules:
@@ -207,6 +222,26 @@ def detect_family(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | No
         if found is not None:
             return found
     return "generic"
+
+
+def unloadable_layout(names: Iterable[str]) -> str | None:
+    """Why ComfyUI 0.8 cannot load a file with these tensor names, and what to use instead; None
+    when the layout is one it loads. ComfyUI strips only a ``model.diffusion_model.`` prefix: a
+    bare ``diffusion_model.`` one leaves names its detection does not know."""
+    raw = list(names)
+    bare = [n for n in raw if n.startswith("diffusion_model.")]
+    if bare and len(bare) * 2 > len(raw):
+        return (
+            f"tensor names start with 'diffusion_model.' (e.g. {bare[0]!r}); ComfyUI strips only "
+            "'model.diffusion_model.', so it cannot detect this model: save the file with the "
+            "'model.diffusion_model.' prefix or without any prefix"
+        )
+    keys = _normalize(raw)
+    for check in _LAYOUT_CHECKS:
+        why = check(keys)
+        if why is not None:
+            return why
+    return None
 
 
 def describe_model(names: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str:

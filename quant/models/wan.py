@@ -9,6 +9,7 @@ Linear layers (weights [out, in]): ``blocks.N`` with ``self_attn.q/k/v/o`` and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from .base import Family, IgnoreRule, ReferenceModel, register_family, shape_of
@@ -111,6 +112,23 @@ def reference_linears(
     return out
 
 
+_DIFFUSERS = re.compile(r"^(condition_embedder\.|proj_out\.|blocks\.\d+\.(attn[12]\.to_|ffn\.net\.))")
+
+
+def unloadable_layout(keys: set[str]) -> str | None:
+    """Wan in diffusers' layout (``condition_embedder.*``, ``attn1.to_q``, ``ffn.net.0.proj``):
+    ComfyUI 0.8 detects Wan only from its own names (``head.modulation``, ``self_attn.q``)."""
+    hit = next((k for k in sorted(keys) if _DIFFUSERS.match(k)), None)
+    if hit is None:
+        return None
+    return (
+        f"a diffusers-format Wan transformer (e.g. {hit!r}); ComfyUI loads Wan only in its own "
+        "layout: use Comfy-Org's repackaged files (Wan_2.2_ComfyUI_Repackaged: "
+        "wan2.2_ti2v_5B_fp16.safetensors, wan2.2_t2v_high/low_noise_14B_fp16.safetensors; "
+        "Wan_2.1_ComfyUI_repackaged for 2.1)"
+    )
+
+
 # ComfyUI's WanModel options (what its model detection sets for these files).
 WAN14B_CONFIG = dict(
     model_type="t2v",
@@ -173,6 +191,7 @@ register_family(
     WAN21,
     aliases=("wan22_14b", "wan"),
     detect=detect,
+    unloadable_layout=unloadable_layout,
     references=[
         _reference(
             "wan21_t2v_14b",

@@ -9,6 +9,7 @@ Linear layers (weights [out, in]): ``layers.0-29``, ``noise_refiner.0-1`` and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from .base import Family, FusedLayer, IgnoreRule, ReferenceModel, register_family, shape_of
@@ -94,6 +95,24 @@ def reference_linears() -> list[tuple[str, int, int]]:
     return out
 
 
+_DIFFUSERS = re.compile(
+    r"^(all_x_embedder\.|all_final_layer\.|(layers|noise_refiner|context_refiner)\.\d+\.attention\.to_[qkv]\.)"
+)
+
+
+def unloadable_layout(keys: set[str]) -> str | None:
+    """Z-Image in diffusers' layout (``all_x_embedder.2-1``, ``attention.to_q/to_k/to_v``): ComfyUI 0.8
+    detects Z-Image only from its own names (``x_embedder``, fused ``attention.qkv``)."""
+    hit = next((k for k in sorted(keys) if _DIFFUSERS.match(k)), None)
+    if hit is None:
+        return None
+    return (
+        f"a diffusers-format Z-Image transformer (e.g. {hit!r}); ComfyUI loads Z-Image only in its "
+        "own layout: use Comfy-Org's repackaged z_image_turbo_bf16.safetensors "
+        "(z_image_turbo, split_files/diffusion_models)"
+    )
+
+
 def _detected_tensors() -> dict[str, tuple[int, ...]]:
     return {"cap_embedder.0.weight": (2560,), "x_pad_token": (1, 3840)}
 
@@ -123,6 +142,7 @@ register_family(
     FAMILY,
     aliases=("z-image",),
     detect=detect,
+    unloadable_layout=unloadable_layout,
     references=[
         ReferenceModel(
             "zimage",

@@ -250,10 +250,14 @@ def build_plan(
     ignore_text: str | None,
     family: str = "generic",
     min_out_features: int = 256,
+    *,
+    with_defaults: bool = False,
 ) -> QuantPlan:
     """Decide quantize/keep for every Linear. See the module docstring for the rules.
 
-    ``ignore_text=None`` uses the family's defaults; ``""`` quantizes everything eligible.
+    ``ignore_text=None`` uses the family's defaults; ``""`` quantizes everything eligible;
+    ``with_defaults=True`` applies the family's defaults and then ``ignore_text``'s own patterns
+    (the ``# auto`` text of the loader), each message naming the line of the text the user typed.
     ``family="auto"`` detects it from the layer names. Raises PatternError for a bad pattern or a
     pattern that ignores only part of a fused layer; ValueError for an unknown format.
     """
@@ -267,13 +271,22 @@ def build_plan(
             names, {f"{li.name}.weight": (li.out_features, li.in_features) for li in layers}
         )
     fam = get_family(family)
-    from_defaults = ignore_text is None
-    text = default_ignore_text(family, names) if from_defaults else ignore_text
-    patterns = parse_patterns(text)
+    defaults_text = default_ignore_text(family, names) if ignore_text is None or with_defaults else ""
+    user_text = ignore_text or ""
+    # The defaults and the user's text are parsed apart, so every line number a message gives is a
+    # line of the text it came from: the user's own for anything they typed.
+    default_pats = parse_patterns(defaults_text)
+    patterns = default_pats + parse_patterns(user_text)
+    n_default = len(default_pats)
+    text = defaults_text + user_text if with_defaults else (defaults_text or user_text)
     ps = PatternSet(patterns)
     # A line of the family's default list keeps source "default" even inside a user's text (the
     # loader shows the defaults and users append to them), so reports can tell the two apart.
     default_patterns = {r.pattern for r in fam.ignore}
+
+    def where(i: int) -> str:
+        p = patterns[i]
+        return f"{p.text!r} (the {family} defaults)" if i < n_default else p.where()
     used: set[int] = set()
 
     def match_aliases(name: str) -> tuple[list[int], dict[int, str]]:
@@ -310,14 +323,15 @@ def build_plan(
             p = patterns[hits[0]]
             how = f" as {via[hits[0]]!r}" if hits[0] in via else ""
             why = f": {p.comment}" if p.comment else ""
+            is_default = hits[0] < n_default or p.text in default_patterns
             decisions.append(
                 _decide(
                     li,
                     False,
-                    f"ignored by pattern {p.where()}{how}{fused_note}{why}",
-                    "default" if from_defaults or p.text in default_patterns else "pattern",
+                    f"ignored by pattern {where(hits[0])}{how}{fused_note}{why}",
+                    "default" if is_default else "pattern",
                     p.text,
-                    p.line,
+                    None if hits[0] < n_default else p.line,
                 )
             )
             continue
@@ -334,7 +348,7 @@ def build_plan(
             continue
         decisions.append(_decide(li, True, f"quantized to {fmt.name}", "eligible"))
 
-    warnings = [f"pattern {p.where()} matched no layer" for i, p in enumerate(patterns) if i not in used]
+    warnings = [f"pattern {where(i)} matched no layer" for i in range(len(patterns)) if i not in used]
     return QuantPlan(
         format=fmt.name,
         family=family,
@@ -356,6 +370,16 @@ def _decide(
 ) -> LayerDecision:
     """The decision for one Linear: its name and shape from `li`, the rest as decided."""
     return LayerDecision(li.name, li.out_features, li.in_features, quantize, reason, source, pattern, line)
+
+
+def keep_all_plan(layers: Sequence[LinearInfo], family: str, reason: str, source: str) -> QuantPlan:
+    """A plan that keeps every Linear as it is (a plain load), each with `reason`."""
+    return QuantPlan(
+        format=source,
+        family=family,
+        decisions=[_decide(li, False, reason, source) for li in layers],
+        packed_nbytes=lambda out_features, in_features: 2 * out_features * in_features,
+    )
 
 
 def _check_fused(name, prefix, fl: FusedLayer, part_hits, patterns) -> tuple[list[int], str]:

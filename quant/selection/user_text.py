@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..models import default_ignore_text, detect_family
+from ..models import detect_family
 from .plan import LinearInfo, QuantPlan, build_plan
 
 AUTO_MARKER = "# auto"
@@ -24,17 +24,9 @@ AUTO_IGNORE_TEXT = (
 )
 
 
-def resolve_ignore_text(text: str | None, family: str, names: Sequence[str]) -> tuple[str | None, bool]:
-    """(text to give build_plan, whether the family defaults are used). See the module docstring."""
-    if text is None:
-        return None, True
-    stripped = text.strip()
-    if stripped.lower().startswith(AUTO_MARKER):
-        extra = "\n".join(stripped.splitlines()[1:]).strip()
-        if not extra:
-            return None, True
-        return default_ignore_text(family, list(names)) + extra + "\n", True
-    return text, False
+def uses_defaults(text: str | None) -> bool:
+    """Whether the family's defaults apply: no text, or a first line starting with ``# auto``."""
+    return text is None or text.strip().lower().startswith(AUTO_MARKER)
 
 
 def plan_from_text(
@@ -45,11 +37,23 @@ def plan_from_text(
     min_out_features: int = 256,
 ) -> tuple[QuantPlan, bool]:
     """The plan for a user's ignored-layers text (`# auto` resolved), and whether the family
-    defaults were used. `family="auto"` detects it from the layer names."""
+    defaults were used. `family="auto"` detects it from the layer names. The user's text is
+    parsed as typed (the `# auto` line is a comment), so every message names its own lines."""
     if family == "auto":
         family = detect_family(f"{li.name}.weight" for li in layers)
-    resolved, uses_defaults = resolve_ignore_text(text, family, [li.name for li in layers])
-    return build_plan(list(layers), format, resolved, family, min_out_features), uses_defaults
+    defaults = uses_defaults(text)
+    auto_only = text is not None and defaults and not any(
+        line.split("#", 1)[0].strip() for line in text.splitlines()
+    )
+    plan = build_plan(
+        list(layers),
+        format,
+        None if text is None or auto_only else text,
+        family,
+        min_out_features,
+        with_defaults=defaults and not auto_only and text is not None,
+    )
+    return plan, defaults
 
 
-__all__ = ["AUTO_IGNORE_TEXT", "AUTO_MARKER", "plan_from_text", "resolve_ignore_text"]
+__all__ = ["AUTO_IGNORE_TEXT", "AUTO_MARKER", "plan_from_text", "uses_defaults"]

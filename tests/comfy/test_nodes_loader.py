@@ -11,7 +11,7 @@ import helpers_models as hm
 import pytest
 import torch
 
-from quant.selection.user_text import AUTO_IGNORE_TEXT, resolve_ignore_text
+from quant.selection.user_text import AUTO_IGNORE_TEXT
 
 pytestmark = pytest.mark.comfyui
 
@@ -177,15 +177,6 @@ def test_unreadable_file_is_checkpoint_error(pack, loader, tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(pack.quant.errors.CheckpointError, match="broken.safetensors"):
         loader.load_quantized(str(bad), "fp8_e4m3fn", None)
-
-
-def test_resolve_ignore_text(loader):
-    names = ["blocks.0.self_attn.q", "blocks.0.ffn.0", "head.head"]
-    assert resolve_ignore_text(None, "wan21", names) == (None, True)
-    assert resolve_ignore_text(AUTO_IGNORE_TEXT, "wan21", names) == (None, True)
-    assert resolve_ignore_text("", "wan21", names) == ("", False)
-    text, auto = resolve_ignore_text("# auto\nffn\n", "wan21", names)
-    assert auto and text.rstrip().endswith("ffn") and "self_attn" in text
 
 
 @pytest.mark.parametrize("compute_dtype,dtype", [("auto", None), ("fp16", torch.float16)])

@@ -202,11 +202,21 @@ def test_chunked_weight_sqnr_matches_quality_sqnr(fmt):
     assert cli._weight_sqnr_rows(f, torch.zeros(64, 64), f.quantize(torch.zeros(64, 64))) == math.inf
 
 
-def test_plan_refuses_prequantized_file(tmp_path, capsys):
+def test_plan_of_prequantized_files_says_what_the_loader_does(tmp_path, capsys):
+    """A plain FP8 file ComfyUI reads is loaded as it is (every layer kept, a note), as the loader
+    does; packed MXFP4 codes it cannot read are refused with the loader's message."""
     p = tmp_path / "fp8.safetensors"
     save_file({"blocks.0.ffn.0.weight": torch.zeros(256, 256).to(torch.float8_e4m3fn)}, str(p))
-    rc, _, err = run_main(["plan", str(p)], capsys)
-    assert rc == 2 and "already quantized" in err and "Traceback" not in err
+    rc, out, err = run_main(["plan", str(p)], capsys)
+    assert rc == 0, err
+    assert "quantize 0" in out and "already quantized" in out and "loaded as it is" in out
+    q = tmp_path / "mxfp4.safetensors"
+    codes = torch.zeros(256, 128, dtype=torch.uint8)
+    save_file({"x.weight": codes, "x.weight_scale": torch.zeros(256, 8, dtype=torch.uint8)}, str(q))
+    rc, _, err = run_main(["plan", str(q)], capsys)
+    assert (
+        rc == 2 and "already quantized" in err and "ComfyUI cannot load it" in err and "Traceback" not in err
+    )
 
 
 def sparse_checkpoint(path: Path, shapes: dict) -> Path:

@@ -269,3 +269,45 @@ def test_default_lines_inside_user_text_keep_source_default():
     assert plan.decision("x_embedder").source == "default"
     assert plan.decision("layers.3.feed_forward.w2").source == "pattern"
     assert plan.warnings == []
+
+
+# --- the text users type: `# auto`, and line numbers of their own text --------------------------
+
+
+def test_auto_text_is_the_defaults_plus_the_users_lines():
+    from quant.selection.user_text import AUTO_IGNORE_TEXT, plan_from_text
+
+    layers = reference_linears("wan22_5b")
+    none_plan, d0 = plan_from_text(layers, "fp8_e4m3fn", None, "wan22_5b")
+    auto_plan, d1 = plan_from_text(layers, "fp8_e4m3fn", AUTO_IGNORE_TEXT, "wan22_5b")
+    assert d0 and d1 and none_plan.decisions == auto_plan.decisions
+    everything, d2 = plan_from_text(layers, "fp8_e4m3fn", "", "wan22_5b")
+    assert not d2 and len(everything.quantized()) > len(auto_plan.quantized())
+    plus, _ = plan_from_text(layers, "fp8_e4m3fn", "# auto\nblocks.0.ffn.0\n", "wan22_5b")
+    d = plus.decision("blocks.0.ffn.0")
+    assert not d.quantize and d.source == "pattern" and d.line == 2
+    assert [x.name for x in plus.kept() if x.source == "default"] == [
+        x.name for x in auto_plan.kept() if x.source == "default"
+    ]
+
+
+@pytest.mark.parametrize(
+    "text,family,where",
+    [
+        ("# auto\nre:((", "zimage", "line 2"),
+        ("# auto: per-model defaults\n\nlayers.0, re:[", "zimage", "line 3"),
+        ("# auto\nattention.q", "zimage", "line 2"),  # part of the fused qkv
+    ],
+)
+def test_pattern_errors_name_the_users_line(text, family, where):
+    from quant.selection.user_text import plan_from_text
+
+    with pytest.raises(PatternError, match=where):
+        plan_from_text(reference_linears(family), "fp8_e4m3fn", text, family)
+
+
+def test_unmatched_warning_names_the_users_line():
+    from quant.selection.user_text import plan_from_text
+
+    plan, _ = plan_from_text(reference_linears("wan22_5b"), "mxfp4", "# auto\n\nno_such_layer\n", "wan22_5b")
+    assert plan.warnings == ["pattern 'no_such_layer' (line 3) matched no layer"]
