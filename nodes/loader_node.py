@@ -47,7 +47,9 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
                         "'# auto' on the first line = the detected model's defaults (plus any patterns "
                         "below it); an empty field = quantize every eligible layer. 'attention' matches "
                         "whole name segments, "
-                        "'layers.*.ffn' globs one segment, 're:' starts a regex."
+                        "'layers.*.ffn' globs one segment, 're:' starts a regex. A line starting "
+                        "'weights-only:' quantizes its layers' weights but keeps their activations in "
+                        "the compute dtype; 'quantize:' quantizes both; the last matching line decides."
                     ),
                 ),
                 io.Int.Input(

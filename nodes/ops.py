@@ -38,6 +38,7 @@ from comfy.ops import CastWeightBiasOp, cast_bias_weight, run_every_op, uncast_b
 from comfy.quant_ops import QuantizedTensor
 
 from ..quant.errors import CheckpointError, NonFiniteWeightError, QuantizationOOMError
+from ..quant.formats import get_format
 from ..quant.matmul.linear import quantized_linear
 from ..quant.quality import quantized_weight_sqnr_db
 from .layouts import (
@@ -81,6 +82,13 @@ class LoadState:
     quantize_seconds: float = 0.0
     seen: set[str] = field(default_factory=set)
 
+    def compute_for(self, decision: Any) -> str:
+        """The layer's compute mode: the format's weight-only mode where the plan says
+        `weights-only` (activations stay in the compute dtype), else the load's own."""
+        if decision is not None and decision.precision == "weights-only":
+            return get_format(self.format).computes[-1]  # formats list their weight-only mode last
+        return self.compute
+
 
 class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
     """A Linear whose weight may be a packed `QuantizedTensor`; see the module docstring."""
@@ -96,6 +104,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         self._oq_dtype = dtype or torch.get_default_dtype()
         self._oq_device = device
         self._oq_format: str | None = None  # set when the weight is quantized
+        self._oq_compute = "auto"  # its compute mode (the plan may ask for weights only)
         # The real weight arrives in _load_from_state_dict; a meta placeholder keeps the shape
         # visible without allocating a high-precision copy of the whole model.
         self.weight = torch.nn.Parameter(
@@ -140,7 +149,9 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         if isinstance(weight, QuantizedTensor):  # a state_dict() of a quantized model, reloaded
             self.weight = torch.nn.Parameter(weight.to(device=target), requires_grad=False)
             self._oq_format = weight._params.format if is_online_quant(weight) else None
+            self._oq_compute = weight._params.compute if is_online_quant(weight) else "auto"
         elif decision is not None and decision.quantize:
+            self._oq_compute = state.compute_for(decision)
             self.weight = torch.nn.Parameter(self._quantize(name, weight, target, state), requires_grad=False)
             self._oq_format = state.format
         else:
@@ -175,7 +186,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         try:
             w = _to_quantize_device(weight, qdev)
             try:
-                qt = quantize_to_tensor(w, state.format, self._oq_dtype, state.compute)
+                qt = quantize_to_tensor(w, state.format, self._oq_dtype, self._oq_compute)
             except NonFiniteWeightError as e:
                 raise NonFiniteWeightError(
                     f"layer {name!r}: the weight [{n}x{k}] contains NaN or Inf and cannot be quantized "
@@ -211,6 +222,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 weight.numel() * weight.element_size(),
                 packed_nbytes(qt),
                 sqnr,
+                self._oq_compute,
             )
         )
         return qt
@@ -245,7 +257,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
         # seed: ComfyUI's stochastic-rounding seed; requantization here is deterministic.
         if self._oq_format is not None:
-            new = quantize_to_tensor(weight, self._oq_format, self._oq_dtype, self._oq_state.compute)
+            new = quantize_to_tensor(weight, self._oq_format, self._oq_dtype, self._oq_compute)
         else:
             new = weight.to(dtype=self.weight.dtype)
         if return_weight:

@@ -26,6 +26,7 @@ class LayerRecord:
     bytes_before: int  # bytes the weight had in the file's dtype
     bytes_after: int  # bytes it holds now (packed data + scales when quantized)
     sqnr_db: float | None = None  # weight SQNR of the quantized weight vs the original, when measured
+    compute: str = ""  # the quantized layer's compute mode ("auto", or e.g. "w8a16" for weights only)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class LoadReport:
                     "bytes_before": r.bytes_before,
                     "bytes_after": r.bytes_after,
                     "sqnr_db": None if r.sqnr_db is None else round(r.sqnr_db, 2),
+                    "compute": r.compute,
                 }
                 for r in self.layers
             ],
@@ -111,13 +113,15 @@ class LoadReport:
 
     def to_text(self, max_kept: int = 40) -> str:
         before, after = self.linear_bytes_before(), self.linear_bytes_after()
+        n_wo = sum(r.compute.endswith("a16") for r in self.quantized())
         ratio = (after / before * 100.0) if before else 100.0
         lines = [
             f"OnlineQuant: {self.model_file}",
             f"family: {self.family}   format: {self.format}   compute dtype: {self.compute_dtype}",
             f"backend: {self.backend or 'n/a'}"
             + (f" ({self.backend_reason})" if self.backend_reason else ""),
-            f"Linear layers: {len(self.quantized())} quantized, {len(self.kept())} kept",
+            f"Linear layers: {len(self.quantized())} quantized, {len(self.kept())} kept"
+            + (f" ({n_wo} of them weights only, activations in {self.compute_dtype})" if n_wo else ""),
             f"Linear weights: {format_bytes(before)} -> {format_bytes(after)} ({ratio:.1f}%)",
             f"load time: {self.load_seconds:.2f} s (quantization {self.quantize_seconds:.2f} s"
             + (f" on {self.quantize_device})" if self.quantize_device else ")"),

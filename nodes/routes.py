@@ -128,7 +128,7 @@ def _plan_json(info: HeaderInfo, name: str, fmt: str, ignore: str | None, min_ou
     from ..quant.errors import CheckpointError, PatternError
     from ..quant.models import default_ignore_text, detect_family
     from ..quant.selection.checkpoint_plan import plan_checkpoint
-    from ..quant.selection.plan import linears_from_shapes
+    from ..quant.selection.layers import linears_from_shapes
 
     family = detect_family(list(info.shapes), info.shapes)
     names = [li.name for li in linears_from_shapes(info.shapes)]

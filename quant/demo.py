@@ -16,7 +16,8 @@ from .errors import UsageError as UserError
 from .formats import get_format
 from .matmul.linear import quantized_linear
 from .matmul.registry import choose_backend
-from .selection.plan import build_plan, compact_names, format_bytes, linears_from_module, reference_linears
+from .selection.layers import linears_from_module, reference_linears
+from .selection.plan import build_plan, compact_names, format_bytes
 
 
 class _QuantLinear(torch.nn.Module):

@@ -36,7 +36,8 @@ function currentParams(node) {
 function renderLayers(box, layers) {
   box.replaceChildren();
   for (const l of layers.slice(0, MAX_ROWS)) {
-    const mark = l.quantize ? "Q" : "-";
+    // W: quantized weights with activations in the compute dtype (a `weights-only:` line)
+    const mark = l.quantize ? (l.precision === "weights-only" ? "W" : "Q") : "-";
     const why = l.quantize ? "" : `: ${l.reason || l.source}`;
     const shape = `${l.out_features}x${l.in_features}`;
     box.appendChild(el("div", { class: `oq-row ${l.quantize ? "oq-q" : "oq-k"}` }, `${mark} ${l.name}  ${shape}${why}`));
@@ -60,7 +61,9 @@ function render(node, state, data, status) {
       el(
         "div",
         { "data-testid": "oq-counts" },
-        `${c.quantized} of ${c.layers} Linear layers quantized, ${c.kept} kept`
+        `${c.quantized} of ${c.layers} Linear layers quantized` +
+          (c.weights_only ? ` (${c.weights_only} weights only)` : "") +
+          `, ${c.kept} kept`
       )
     );
     const reasons = Object.entries(c.kept_by_source || {});
@@ -75,6 +78,7 @@ function render(node, state, data, status) {
       )
     );
     for (const w of data.warnings || []) parts.push(el("div", { class: "oq-warn" }, `⚠ ${w}`));
+    for (const n of data.notes || []) parts.push(el("div", { class: "oq-muted" }, n));
     for (const e of data.errors || []) parts.push(el("div", { class: "oq-err" }, e));
     const layers = data.decisions || [];
     const details = el("details", {}, el("summary", {}, `Layers (${layers.length})`));

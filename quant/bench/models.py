@@ -213,8 +213,8 @@ def _build(name: str, quick: bool, ops, device) -> torch.nn.Module:
 
 
 def _plan(sd_shapes: dict, fmt: str, family: str, ignore):
-    sel = _pack("quant.selection.plan")
-    return sel.build_plan(sel.linears_from_shapes(sd_shapes), fmt, ignore, family=family)
+    layers = _pack("quant.selection.layers").linears_from_shapes(sd_shapes)
+    return _pack("quant.selection.plan").build_plan(layers, fmt, ignore, family=family)
 
 
 # variant -> (format, compute, ignore text: None = the family's default ignored layers, "" = none)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import PatternError
+from ..selection.actions import line_prefix
 from ..selection.patterns import PatternSet, parse_patterns, strip_prefix
 
 __all__ = [
@@ -39,9 +40,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class IgnoreRule:
+    """One line of a family's defaults: a pattern, why, and what it asks for (selection/actions.py:
+    "keep" the layers in the compute dtype, "weights-only", or "quantize")."""
+
     pattern: str
     reason: str
     only: str = ""  # the variants that have the layer ("I2V"); empty = every variant
+    action: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -188,11 +193,15 @@ def default_ignore_text(family: str, names: Iterable[str] | None = None) -> str:
     """
     fam = get_family(family)
     rules = default_rules(family, names)
-    width = max((len(r.pattern) for r in rules), default=0)
-    lines = [f"# {fam.display_name}: layers kept in bf16 (one pattern per line, '#' starts a comment)"]
-    for r in rules:
+    texts = [line_prefix(r.action) + r.pattern for r in rules]
+    width = max((len(t) for t in texts), default=0)
+    lines = [
+        f"# {fam.display_name}: layers kept in bf16, one pattern per line ('weights-only:' = quantized "
+        "weights, bf16 activations; the last matching line decides; '#' starts a comment)"
+    ]
+    for r, t in zip(rules, texts, strict=True):
         only = f"({r.only} only) " if r.only else ""
-        lines.append(f"{r.pattern:<{width}}  # {only}{r.reason}")
+        lines.append(f"{t:<{width}}  # {only}{r.reason}")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from ..checkpoint import CheckpointKind
 from ..errors import CheckpointError
 from ..models import default_rules, describe_model, detect_family, get_family, unloadable_layout
-from .plan import QuantPlan, keep_all_plan, linears_from_shapes
+from .layers import linears_from_shapes
+from .plan import QuantPlan, keep_all_plan
 from .user_text import plan_from_text
 
 NO_QUANTIZATION = "none"

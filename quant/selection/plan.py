@@ -17,73 +17,17 @@ Every pattern that matched nothing becomes a warning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-
-import torch
 
 from ..errors import PatternError
 from ..formats import get_format
-from ..models import FusedLayer, default_ignore_text, detect_family, get_family, reference_linear_shapes
-from .patterns import PatternSet, parse_patterns, strip_prefix
+from ..models import FusedLayer, default_ignore_text, detect_family, get_family
+from .actions import KEEP, WEIGHTS_ONLY, parse_lines
+from .layers import LinearInfo
+from .patterns import PatternSet, strip_prefix
 
-__all__ = [
-    "LinearInfo",
-    "LayerDecision",
-    "QuantPlan",
-    "build_plan",
-    "linears_from_module",
-    "linears_from_shapes",
-    "detect_family",
-    "default_ignore_text",
-    "compact_names",
-]
-
-# 2-D ".weight" tensors that are lookup tables, not Linear weights (never quantized).
-_EMBEDDING_TABLES = frozenset(
-    {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_embedding", "shared"}
-)
-
-
-@dataclass(frozen=True)
-class LinearInfo:
-    name: str  # without "diffusion_model." prefix, without ".weight"
-    out_features: int
-    in_features: int
-
-
-def linears_from_module(module: torch.nn.Module) -> list[LinearInfo]:
-    """Every ``nn.Linear`` (ComfyUI's ops Linear classes subclass it) of a module, in order."""
-    out = []
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            out.append(LinearInfo(strip_prefix(name), int(m.out_features), int(m.in_features)))
-    return out
-
-
-def reference_linears(model: str) -> list[LinearInfo]:
-    """The Linear layers of a full-size reference model (quant.models.REFERENCE_MODELS)."""
-    return [LinearInfo(n, o, i) for n, o, i in reference_linear_shapes(model)]
-
-
-def linears_from_shapes(shapes: Mapping[str, Sequence[int]]) -> list[LinearInfo]:
-    """Linear layers of a state dict or safetensors header: ``<name>.weight`` tensors with 2 dims.
-
-    Norms (1-D), convolutions (3-D+), biases and embedding tables (by module name) are left out.
-    Known prefixes (``diffusion_model.``, ``model.diffusion_model.``) are stripped.
-    """
-    out = []
-    seen = set()
-    for key, shape in shapes.items():
-        if not key.endswith(".weight") or len(shape) != 2:
-            continue
-        name = strip_prefix(key[: -len(".weight")])
-        if name.rsplit(".", 1)[-1] in _EMBEDDING_TABLES or name in seen:
-            continue
-        seen.add(name)
-        out.append(LinearInfo(name, int(shape[0]), int(shape[1])))
-    return out
-
+__all__ = ["LayerDecision", "QuantPlan", "build_plan", "compact_names", "format_bytes", "keep_all_plan"]
 
 @dataclass(frozen=True)
 class LayerDecision:
@@ -95,6 +39,9 @@ class LayerDecision:
     source: str  # "pattern", "default", "size", "format", "eligible"
     pattern: str | None = None  # the pattern that decided (source pattern/default)
     line: int | None = None  # its line in the ignore text
+    # what a `weights-only:` / `quantize:` line asked for ("" when no line chose: the format's own
+    # compute mode); see actions.py
+    precision: str = ""
 
 
 @dataclass
@@ -147,9 +94,15 @@ class QuantPlan:
             f"keep {len(k)} ({_params(k)} weights)",
             f"Linear weights: {format_bytes(before)} -> {format_bytes(after)}{ratio}",
         ]
-        if q:
-            lines.append("quantize:")
-            lines += [f"  {g}" for g in compact_names([d.name for d in q])]
+        by_precision: dict[str, list[str]] = {}
+        for d in q:
+            by_precision.setdefault(d.precision, []).append(d.name)
+        for precision, names in by_precision.items():
+            label = {"": "", "weights-only": " (weights only, activations in the compute dtype)"}.get(
+                precision, f" ({precision})"
+            )
+            lines.append(f"quantize{label}:")
+            lines += [f"  {g}" for g in compact_names(names)]
         groups: dict[str, list[str]] = {}
         for d in k:
             why = d.reason if d.source in ("pattern", "default") else f"[{d.source}] {d.reason}"
@@ -174,6 +127,7 @@ class QuantPlan:
                 "layers": len(self.decisions),
                 "quantized": len(self.quantized()),
                 "kept": len(self.kept()),
+                "weights_only": sum(d.precision == "weights-only" for d in self.quantized()),
                 "quantized_params": sum(d.out_features * d.in_features for d in self.quantized()),
                 "kept_params": sum(d.out_features * d.in_features for d in self.kept()),
             },
@@ -275,8 +229,10 @@ def build_plan(
     user_text = ignore_text or ""
     # The defaults and the user's text are parsed apart, so every line number a message gives is a
     # line of the text it came from: the user's own for anything they typed.
-    default_pats = parse_patterns(defaults_text)
-    patterns = default_pats + parse_patterns(user_text)
+    default_pats = parse_lines(defaults_text)
+    parsed = default_pats + parse_lines(user_text)
+    patterns = [p for p, _ in parsed]
+    actions = [a for _, a in parsed]
     n_default = len(default_pats)
     text = defaults_text + user_text if with_defaults else (defaults_text or user_text)
     ps = PatternSet(patterns)
@@ -318,23 +274,19 @@ def build_plan(
                     for ph in part_hits:
                         used.update(ph)
                     if not hits:
-                        hits, fused_note = _check_fused(li.name, prefix, fl, part_hits, patterns)
+                        hits, fused_note = _check_fused(li.name, prefix, fl, part_hits, patterns, actions)
+        action, by = KEEP, ""
         if hits:
-            p = patterns[hits[0]]
-            how = f" as {via[hits[0]]!r}" if hits[0] in via else ""
+            last = hits[-1]  # the last line that matches decides (lines below the defaults override them)
+            p = patterns[last]
+            how = f" as {via[last]!r}" if last in via else ""
             why = f": {p.comment}" if p.comment else ""
-            is_default = hits[0] < n_default or p.text in default_patterns
-            decisions.append(
-                _decide(
-                    li,
-                    False,
-                    f"ignored by pattern {where(hits[0])}{how}{fused_note}{why}",
-                    "default" if is_default else "pattern",
-                    p.text,
-                    None if hits[0] < n_default else p.line,
-                )
-            )
-            continue
+            is_default = last < n_default or p.text in default_patterns
+            source, line = ("default" if is_default else "pattern"), (None if last < n_default else p.line)
+            action, by = actions[last], f"pattern {where(last)}{how}{fused_note}{why}"
+            if action == KEEP:
+                decisions.append(_decide(li, False, f"ignored by {by}", source, p.text, line))
+                continue
         if li.out_features < min_out_features:
             decisions.append(
                 _decide(
@@ -346,7 +298,12 @@ def build_plan(
         if bad:
             decisions.append(_decide(li, False, f"{fmt.name}: {bad}", "format"))
             continue
-        decisions.append(_decide(li, True, f"quantized to {fmt.name}", "eligible"))
+        if action == KEEP:
+            decisions.append(_decide(li, True, f"quantized to {fmt.name}", "eligible"))
+        else:
+            mode = "weights only" if action == WEIGHTS_ONLY else "weights and activations"
+            reason = f"quantized to {fmt.name}, {mode}, by {by}"
+            decisions.append(_decide(li, True, reason, source, p.text, line, action))
 
     warnings = [f"pattern {where(i)} matched no layer" for i in range(len(patterns)) if i not in used]
     return QuantPlan(
@@ -367,9 +324,12 @@ def _decide(
     source: str,
     pattern: str | None = None,
     line: int | None = None,
+    precision: str = "",
 ) -> LayerDecision:
     """The decision for one Linear: its name and shape from `li`, the rest as decided."""
-    return LayerDecision(li.name, li.out_features, li.in_features, quantize, reason, source, pattern, line)
+    return LayerDecision(
+        li.name, li.out_features, li.in_features, quantize, reason, source, pattern, line, precision
+    )
 
 
 def keep_all_plan(layers: Sequence[LinearInfo], family: str, reason: str, source: str) -> QuantPlan:
@@ -382,12 +342,20 @@ def keep_all_plan(layers: Sequence[LinearInfo], family: str, reason: str, source
     )
 
 
-def _check_fused(name, prefix, fl: FusedLayer, part_hits, patterns) -> tuple[list[int], str]:
-    """All parts ignored -> the fused layer is ignored; some parts -> PatternError."""
+def _check_fused(name, prefix, fl: FusedLayer, part_hits, patterns, actions) -> tuple[list[int], str]:
+    """All parts selected alike -> the fused layer is; some parts (or parts asking for different
+    precisions) -> PatternError: the parts are one weight."""
+    parts = ", ".join(part[0] for part in fl.parts)
     if all(part_hits):
-        first = min(ph[0] for ph in part_hits)
-        parts = ", ".join(part[0] for part in fl.parts)
-        return [first], f" (all parts {parts} of the fused {fl.name!r} are ignored)"
+        deciding = [ph[-1] for ph in part_hits]
+        if len({actions[i] for i in deciding}) > 1:
+            asked = ", ".join(f"{part[0]}: {actions[i]}" for part, i in zip(fl.parts, deciding, strict=True))
+            raise PatternError(
+                f"pattern {patterns[max(deciding)].where()} gives the parts of the fused layer {name!r} "
+                f"different precisions ({asked}): {fl.why}, so its parts cannot be treated apart. "
+                f"Write one line for {fl.name!r}."
+            )
+        return sorted({i for ph in part_hits for i in ph}), f" (all parts {parts} of the fused {fl.name!r})"
     if any(part_hits):
         i = next(ph[0] for ph in part_hits if ph)
         hit_parts = [part[0] for part, ph in zip(fl.parts, part_hits, strict=True) if ph]
@@ -395,6 +363,6 @@ def _check_fused(name, prefix, fl: FusedLayer, part_hits, patterns) -> tuple[lis
         raise PatternError(
             f"pattern {patterns[i].where()} ignores only {', '.join(hit_parts)} of the fused layer "
             f"{name!r}: {fl.why}, so its parts cannot be kept apart. Ignore {fl.name!r} "
-            f"(all of {', '.join(part[0] for part in fl.parts)}) or also ignore {', '.join(missing)}."
+            f"(all of {parts}) or also ignore {', '.join(missing)}."
         )
     return [], ""

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..models import detect_family
-from .plan import LinearInfo, QuantPlan, build_plan
+from .layers import LinearInfo
+from .plan import QuantPlan, build_plan
 
 AUTO_MARKER = "# auto"
 AUTO_IGNORE_TEXT = (

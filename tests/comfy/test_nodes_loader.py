@@ -70,10 +70,17 @@ def test_wan_every_eligible_layer_quantized_and_output_close(pack, loader, wan_f
 def test_wan_family_defaults_and_auto_marker(pack, loader, wan_file):
     """'# auto' (the node default) = family defaults; patterns below it are added."""
     _, rep_none = loader.load_quantized(str(wan_file), "fp8_e4m3fn", None)
-    _, rep_auto = loader.load_quantized(str(wan_file), "fp8_e4m3fn", AUTO_IGNORE_TEXT)
+    mp_auto, rep_auto = loader.load_quantized(str(wan_file), "fp8_e4m3fn", AUTO_IGNORE_TEXT)
     assert [r.name for r in rep_none.quantized()] == [r.name for r in rep_auto.quantized()]
     assert all(r.source in ("default", "size") for r in rep_auto.kept())
-    assert "blocks.0.self_attn.q" in {r.name for r in rep_auto.kept()}  # Wan default: attention kept
+    # Wan defaults: attention quantized weights-only (its own compute mode), the FFN by the format's
+    attn = next(r for r in rep_auto.quantized() if r.name == "blocks.0.self_attn.q")
+    ffn = next(r for r in rep_auto.quantized() if r.name == "blocks.0.ffn.0")
+    assert attn.compute == "w8a16" and ffn.compute == "auto"
+    assert "16 of them weights only" in rep_auto.to_text()  # 2 blocks x 8 attention projections
+    block = mp_auto.model.diffusion_model.blocks[0]
+    assert block.self_attn.q.weight._params.compute == "w8a16"  # what the forward runs
+    assert block.ffn[0].weight._params.compute == "auto"
     _, rep_more = loader.load_quantized(
         str(wan_file), "fp8_e4m3fn", AUTO_IGNORE_TEXT + "blocks.1.ffn\n"
     )

@@ -17,7 +17,7 @@ import pytest
 from helpers_sparse import write_sparse_safetensors
 
 from quant.models import reference_shapes
-from quant.selection.plan import reference_linears
+from quant.selection.layers import reference_linears
 
 pytestmark = pytest.mark.comfyui
 

@@ -38,7 +38,8 @@ def models() -> dict[str, tuple[str, torch.nn.Module]]:
 
 
 def main() -> None:
-    from quant.selection.plan import build_plan, linears_from_module
+    from quant.selection.layers import linears_from_module
+    from quant.selection.plan import build_plan
 
     gib = 2**30
     print(

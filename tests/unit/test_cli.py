@@ -61,8 +61,10 @@ def test_plan_text_defaults(wan_file, capsys):
     rc, out, err = run_main(["plan", str(wan_file), "--format", "mxfp4"], capsys)
     assert rc == 0, err
     assert "[wan21]" in out and "format mxfp4" in out
-    assert "blocks.{0-1}.ffn.{0,2}  (4 layers)" in out  # only the FFN is quantized by default
-    assert "ignored by pattern 'self_attn'" in out
+    # attention with weights only (bf16 activations), the FFN with quantized activations
+    assert "quantize (weights only, activations in the compute dtype):" in out
+    assert "blocks.{0-1}.self_attn.q  (2 layers)" in out and "blocks.{0-1}.ffn.{0,2}  (4 layers)" in out
+    assert "ignored by pattern 'head' (the wan21 defaults)" in out
     assert "warning" not in out  # the I2V-only default line is left out for a T2V model
 
 
@@ -250,4 +252,4 @@ def test_plan_full_size_sparse_file_reads_header_only(tmp_path, capsys, monkeypa
     monkeypatch.setattr(safetensors_header, "iter_tensors", no_data)
     rc, out, err = run_main(["plan", str(p), "--format", "mxfp4"], capsys)
     assert rc == 0, err
-    assert "[wan21]" in out and "406 Linear layers: quantize 80" in out and "26.60 GiB -> 18.86 GiB" in out
+    assert "[wan21]" in out and "406 Linear layers: quantize 400" in out and "26.60 GiB -> 7.38 GiB" in out

@@ -13,8 +13,9 @@ from quant.models import (
     get_family,
     reference_shapes,
 )
+from quant.selection.actions import parse_lines
+from quant.selection.layers import reference_linears
 from quant.selection.patterns import PatternSet, parse_patterns
-from quant.selection.plan import reference_linears
 
 PREFIXES = ["", "diffusion_model.", "model.diffusion_model."]
 
@@ -67,12 +68,11 @@ def test_aliases_and_unknown_family():
 
 @pytest.mark.parametrize("key", sorted(FAMILIES))
 def test_default_text_parses_and_every_line_has_a_reason(key):
-    text = default_ignore_text(key)
-    pats = parse_patterns(text)
-    assert len(pats) == len(FAMILIES[key].ignore) > 0
-    for p in pats:
+    parsed = parse_lines(default_ignore_text(key))
+    assert len(parsed) == len(FAMILIES[key].ignore) > 0
+    for p, _ in parsed:
         assert p.comment, f"{key}: pattern {p.text} has no reason"
-    assert [p.text for p in pats] == [r.pattern for r in FAMILIES[key].ignore]
+    assert [(p.text, a) for p, a in parsed] == [(r.pattern, r.action) for r in FAMILIES[key].ignore]
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_default_text_parses_and_every_line_has_a_reason(key):
 )
 def test_every_default_pattern_matches_the_real_model(key, model):
     names = [li.name for li in reference_linears(model)]
-    ps = PatternSet(parse_patterns(default_ignore_text(key)))
+    ps = PatternSet([p for p, _ in parse_lines(default_ignore_text(key))])
     used = set()
     for n in names:
         used.update(ps.match(n))
@@ -95,10 +95,12 @@ def test_default_text_drops_lines_the_model_lacks():
     assert "self_attn" in t2v
 
 
-def test_wan_defaults_keep_attention_and_quantize_ffn():
-    ps = PatternSet(parse_patterns(default_ignore_text("wan21")))
-    assert ps.match("blocks.3.self_attn.q")
-    assert ps.match("blocks.3.cross_attn.k_img")
+def test_wan_defaults_quantize_attention_weights_only_and_leave_the_ffn_to_the_format():
+    parsed = parse_lines(default_ignore_text("wan21"))
+    ps = PatternSet([p for p, _ in parsed])
+    assert {parsed[i][1] for i in ps.match("blocks.3.self_attn.q")} == {"weights-only"}
+    assert {parsed[i][1] for i in ps.match("blocks.3.cross_attn.k_img")} == {"weights-only"}
+    assert {parsed[i][1] for i in ps.match("text_embedding.0")} == {"keep"}
     assert not ps.match("blocks.3.ffn.0")
     assert not ps.match("blocks.3.ffn.2")
 

@@ -96,7 +96,8 @@ def test_fp8_tensor_vs_channel_on_uneven_rows():
 
 
 def _plan(fmt: str = "fp8_e4m3fn"):
-    from quant.selection.plan import LinearInfo, build_plan
+    from quant.selection.layers import LinearInfo
+    from quant.selection.plan import build_plan
 
     layers = [LinearInfo(f"blocks.{i}.ffn.0", 512, 256) for i in range(4)]
     layers.append(LinearInfo("head.head", 64, 256))

@@ -96,8 +96,8 @@ def test_ignore_lines_text():
 def test_ignore_lines_match_exactly_the_chosen_layers(model):
     """The pasted text, read by the pattern language of quant/patterns.py, selects exactly the
     chosen layers of the real model's Linear layers and nothing else."""
+    from quant.selection.layers import reference_linears
     from quant.selection.patterns import PatternSet, parse_patterns
-    from quant.selection.plan import reference_linears
 
     names = [li.name for li in reference_linears(model)]
     chosen = names[::17] + [names[-1]]

@@ -9,14 +9,8 @@ import torch
 
 from quant.errors import PatternError
 from quant.models import reference_shapes
-from quant.selection.plan import (
-    LinearInfo,
-    build_plan,
-    compact_names,
-    linears_from_module,
-    linears_from_shapes,
-    reference_linears,
-)
+from quant.selection.layers import LinearInfo, linears_from_module, linears_from_shapes, reference_linears
+from quant.selection.plan import build_plan, compact_names
 
 Z = reference_linears("zimage")
 
@@ -206,9 +200,9 @@ def test_zimage_full_size_plan_counts_and_bytes():
 @pytest.mark.parametrize(
     "model,family,params_b,quantized,kept",
     [
-        ("wan21_t2v_14b", "wan21", 14.28, 80, 326),
-        ("wan21_i2v_14b", "wan21", None, 80, 408),
-        ("wan22_5b", "wan22_5b", 5.00, 60, 246),
+        ("wan21_t2v_14b", "wan21", 14.28, 400, 6),
+        ("wan21_i2v_14b", "wan21", None, 480, 8),
+        ("wan22_5b", "wan22_5b", 5.00, 300, 6),
     ],
 )
 def test_wan_full_size_plans(model, family, params_b, quantized, kept):
@@ -218,7 +212,9 @@ def test_wan_full_size_plans(model, family, params_b, quantized, kept):
     plan = build_plan(layers, "mxfp4", None, family="auto")
     assert plan.family == family
     assert len(plan.quantized()) == quantized and len(plan.kept()) == kept
-    assert {d.name.split(".")[-2] for d in plan.quantized()} == {"ffn"}
+    # attention with bf16 activations (weights only), the FFN with quantized activations
+    by_part = {(d.name.split(".")[2], d.precision) for d in plan.quantized()}
+    assert by_part == {("self_attn", "weights-only"), ("cross_attn", "weights-only"), ("ffn", "")}
     assert plan.warnings == []
     none = build_plan(layers, "mxfp4", "", family=family)
     assert [d.name for d in none.kept()] == ["head.head"]  # only the out<256 rule
@@ -311,3 +307,70 @@ def test_unmatched_warning_names_the_users_line():
 
     plan, _ = plan_from_text(reference_linears("wan22_5b"), "mxfp4", "# auto\n\nno_such_layer\n", "wan22_5b")
     assert plan.warnings == ["pattern 'no_such_layer' (line 3) matched no layer"]
+
+
+# --- per-layer precision: keep / weights-only / quantize lines ----------------------------------
+
+
+def test_split_actions_keeps_line_numbers():
+    from quant.selection.actions import split_actions
+
+    parts = split_actions("x_embedder\nweights-only: self_attn  # why\nquantize: ffn\nkeep: head\nre:a:b")
+    assert parts["keep"].splitlines() == ["x_embedder", "", "", " head", "re:a:b"]
+    assert parts["weights-only"].splitlines()[1] == " self_attn  # why"
+    assert parts["quantize"].splitlines()[2] == " ffn"
+
+
+def test_wan_defaults_quantize_attention_weights_only():
+    """New Wan defaults: attention weights in the format with bf16 activations, the FFN with
+    quantized activations, conditioning/embedding/head layers kept (targets from the plan)."""
+    for model, fp8_gib, mx_gib in (("wan21_t2v_14b", 13.6, 7.4), ("wan22_5b", 4.8, 2.6)):
+        layers = reference_linears(model)
+        fam = "wan22_5b" if model == "wan22_5b" else "wan21"
+        for fmt, cap in (("fp8_e4m3fn", fp8_gib), ("mxfp4", mx_gib)):
+            plan = build_plan(layers, fmt, None, fam)
+            assert plan.bytes_after() / 2**30 <= cap, (model, fmt, plan.bytes_after() / 2**30)
+        d = {x.name: x for x in plan.decisions}
+        assert d["blocks.0.self_attn.q"].quantize and d["blocks.0.self_attn.q"].precision == "weights-only"
+        assert d["blocks.0.cross_attn.o"].precision == "weights-only"
+        assert d["blocks.0.ffn.0"].quantize and d["blocks.0.ffn.0"].precision == ""
+        assert not d["head.head"].quantize and not d["text_embedding.0"].quantize
+
+
+def test_the_ffn_only_setting_is_one_edit_away():
+    from quant.selection.user_text import plan_from_text
+
+    layers = reference_linears("wan22_5b")
+    plan, _ = plan_from_text(layers, "fp8_e4m3fn", "# auto\nself_attn\ncross_attn\n", "wan22_5b")
+    d = {x.name: x for x in plan.decisions}
+    assert not d["blocks.3.self_attn.k"].quantize and d["blocks.3.self_attn.k"].line == 2
+    assert not d["blocks.3.cross_attn.q"].quantize and d["blocks.3.ffn.2"].quantize
+
+
+def test_last_matching_line_decides_and_size_rule_still_applies():
+    layers = reference_linears("wan22_5b")
+    text = "blocks\nweights-only: blocks.1\nquantize: blocks.1.ffn.0\nweights-only: head\n"
+    plan = build_plan(layers, "mxfp4", text, "wan22_5b")
+    d = {x.name: x for x in plan.decisions}
+    assert not d["blocks.0.ffn.0"].quantize and d["blocks.0.ffn.0"].line == 1
+    assert d["blocks.1.self_attn.q"].precision == "weights-only" and d["blocks.1.self_attn.q"].line == 2
+    assert d["blocks.1.ffn.0"].precision == "quantize" and d["blocks.1.ffn.0"].line == 3
+    assert not d["head.head"].quantize and d["head.head"].source == "size"  # out 192 < 256
+    why = d["blocks.1.self_attn.q"].reason
+    assert "weights only" in why and "(line 2)" in why
+    assert plan.to_dict()["counts"]["weights_only"] == 9  # blocks.1: 8 attention + ffn.2
+
+
+def test_fused_parts_cannot_get_different_precisions():
+    text = "weights-only: attention.q\nweights-only: attention.k\nattention.v\n"
+    with pytest.raises(PatternError, match="different precisions"):
+        build_plan(Z, "fp8_e4m3fn", text, "zimage")
+    plan = build_plan(
+        Z, "fp8_e4m3fn", "weights-only: attention.to_q, attention.to_k, attention.to_v", "zimage"
+    )
+    assert plan.decision("layers.0.attention.qkv").precision == "weights-only"
+
+
+def test_unknown_action_word_is_a_pattern_error_on_its_line():
+    with pytest.raises(PatternError, match="line 2"):
+        build_plan(Z, "fp8_e4m3fn", "x_embedder\nweight-only: attention.out\n", "zimage")
