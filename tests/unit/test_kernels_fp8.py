@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import has_cpu_scaled_mm
 
-from quant.formats import fp8
+from quant.formats import fp8, get_format
 from quant.kernels import fp8_gemm
 from quant.kernels.fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
 
@@ -130,3 +130,34 @@ def test_rowwise_reference_equals_pack_reference():
     y = fp8_gemm.fp8_linear_rowwise_reference(x, qw.qdata, qw.scale)
     y2 = reference_linear(x, qw, None, "w8a8")
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+
+
+# --- weights-only FP8 (W8A16): Triton dequantization + 16-bit GEMM ------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e4m3fn_tensor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(37, 96), (64, 256), (5, 33)])
+def test_fp8_dequantize_kernel_is_the_reference_bit_for_bit(device, fmt, dtype, n, k):
+    from quant.kernels.fp8_dequant import fp8_dequantize, fp8_dequantize_reference
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
+    qw = get_format(fmt).quantize(w.to(device))
+    got = fp8_dequantize(qw.qdata, qw.scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, fp8_dequantize_reference(qw.qdata, qw.scale, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_w8a16_linear_matches_the_weight_only_reference(device):
+    from quant.kernels.fp8_dequant import fp8_linear_w8a16, fp8_linear_w8a16_reference
+    from quant.matmul.reference import reference_linear
+
+    g = torch.Generator().manual_seed(0)
+    qw = get_format("fp8_e4m3fn").quantize((torch.randn(48, 64, generator=g) * 0.05).to(device))
+    x = torch.randn(3, 5, 64, generator=g).to(device, torch.bfloat16)
+    b = torch.randn(48, generator=g).to(device, torch.bfloat16)
+    y = fp8_linear_w8a16(x, qw.qdata, qw.scale, b)
+    assert y.shape == (3, 5, 48) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, fp8_linear_w8a16_reference(x, qw.qdata, qw.scale, b))
+    torch.testing.assert_close(y.float(), reference_linear(x, qw, b, "w8a16").float(), rtol=2e-2, atol=2e-2)

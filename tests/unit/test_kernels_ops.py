@@ -63,7 +63,10 @@ SM90 = DeviceInfo("cuda", 0, "nvidia", (9, 0), "sm_90")
     "fmt,compute,info,expected",
     [
         ("fp8_e4m3fn", "auto", SM90, "triton_fp8"),
-        ("fp8_e4m3fn", "auto", DeviceInfo("cuda", 0, "nvidia", (8, 0), "sm_80"), "reference"),
+        # no FP8 tensor cores on sm_80: the FP8 weight is dequantized for a bf16 GEMM
+        ("fp8_e4m3fn", "auto", DeviceInfo("cuda", 0, "nvidia", (8, 0), "sm_80"), "triton_fp8_w8a16"),
+        ("fp8_e4m3fn", "w8a16", SM90, "triton_fp8_w8a16"),  # a weights-only layer
+        ("fp8_e4m3fnuz", "w8a16", SM90, "reference"),  # Triton has e4m3fnuz only on ROCm
         ("fp8_e4m3fnuz", "auto", DeviceInfo("cuda", 0, "amd", (9, 4), "gfx942"), "triton_fp8"),
         ("fp8_e4m3fn", "auto", DeviceInfo("cpu"), "reference"),
         ("mxfp4", "auto", SM90, "triton_mxfp4"),

@@ -5,10 +5,14 @@
 - "triton_mxfp4": MXFP4 W4A16 on NVIDIA sm_80+: per shape (tuning.py) decoded into a transient
   bf16 workspace for cuBLAS (large M) or decoded in registers by a Triton GEMM (small M).
 - "triton_mxfp4_w4a8": MXFP4 weights on FP8 tensor cores (sm_89+), when compute="w4a8" is asked.
+- "triton_fp8_w8a16": FP8 weights only (compute "w8a16", e.g. a `weights-only:` layer): the weight
+  dequantized to the activation dtype in one Triton pass, then cuBLAS.
 Registration needs no Triton import; `check` says whether Triton is there.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ...formats import WeightFormat
 from ...kernels import ops as _kernel_ops  # noqa: F401  (defines the kernels' torch.library ops)
@@ -49,6 +53,25 @@ def _fp8_run(x, qw, bias, compute):
     return fp8_linear_rowwise(x, qw.qdata, qw.scale, bias)
 
 
+def _fp8_w8a16_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
+    ok, why = _need_triton()
+    if not ok:
+        return ok, why
+    if info.type != "cuda":
+        return False, f"needs a CUDA/ROCm GPU, device is {info.describe()}"
+    if fmt.dtype == torch.float8_e4m3fnuz and info.vendor != "amd":
+        return False, "Triton has float8_e4m3fnuz only on ROCm"
+    return True, f"{info.arch}: FP8 weight dequantized to the activation dtype by Triton, then a 16-bit GEMM"
+
+
+def _fp8_w8a16_run(x, qw, bias, compute):
+    from ...kernels.fp8_dequant import fp8_linear_w8a16
+
+    if x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], qw.shape[0]))
+    return fp8_linear_w8a16(x, qw.qdata, qw.scale, bias)
+
+
 def _mxfp4_check_for(min_cap: tuple[int, int], what: str):
     def check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
         ok, why = _need_triton()
@@ -86,6 +109,15 @@ BACKENDS = (
         _fp8_check,
         priority=60,
         package="triton (and a GPU with FP8 tensor cores)",
+    ),
+    Backend(
+        "triton_fp8_w8a16",
+        ("fp8",),
+        ("w8a16",),
+        _fp8_w8a16_run,
+        _fp8_w8a16_check,
+        priority=55,
+        package="triton",
     ),
     Backend(
         "triton_mxfp4",
