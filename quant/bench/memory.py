@@ -46,10 +46,19 @@ LOADS = ("comfyui", "fp8_e4m3fn", "mxfp4")  # "comfyui" = ComfyUI's plain load_d
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--memory-blocks", type=int, default=None,
-                        help="Wan 5B blocks in the synthetic file (30 = full 10 GB; default 30, --quick 2)")
+    parser.add_argument(
+        "--memory-blocks",
+        type=int,
+        default=None,
+        help="Wan 5B blocks in the synthetic file (30 = full 10 GB; default 30, --quick 2)",
+    )
     parser.add_argument("--memory-dir", default=None, help="where to write the temporary checkpoint")
     parser.add_argument("--memory-loads", default=",".join(LOADS), help=f"comma list of {', '.join(LOADS)}")
+    parser.add_argument(
+        "--memory-profile",
+        default=None,
+        help="folder: each load also writes a cProfile summary there (where the time goes)",
+    )
 
 
 # ---------------------------------------------------------------- the synthetic checkpoint
@@ -109,7 +118,7 @@ def _status_kib(fields=("VmRSS", "RssAnon", "RssFile")) -> dict[str, int]:
     return out
 
 
-def _child(kind: str, path: str, device: str, queue) -> None:
+def _child(kind: str, path: str, device: str, queue, profile_dir: str | None = None) -> None:
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     stop = threading.Event()
 
@@ -130,6 +139,12 @@ def _child(kind: str, path: str, device: str, queue) -> None:
         t.start()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        prof = None
+        if profile_dir:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
         records = None
         if kind == "comfyui":
@@ -146,6 +161,14 @@ def _child(kind: str, path: str, device: str, queue) -> None:
             patcher.model.diffusion_model.to("cuda")
             torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
+        if prof is not None:
+            import io
+            import pstats
+
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
+            Path(profile_dir, f"profile_{kind}.txt").write_text(buf.getvalue())
         stop.set()
         t.join()
         model = patcher.model.diffusion_model
@@ -166,12 +189,12 @@ def _child(kind: str, path: str, device: str, queue) -> None:
         queue.put({"load": kind, "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
-def measure(path: str, kinds=LOADS, device: str = "cpu") -> list[dict]:
+def measure(path: str, kinds=LOADS, device: str = "cpu", profile_dir: str | None = None) -> list[dict]:
     ctx = mp.get_context("spawn")
     rows = []
     for kind in kinds:
         q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(kind, path, device, q))
+        p = ctx.Process(target=_child, args=(kind, path, device, q, profile_dir))
         p.start()
         try:
             row = q.get(timeout=3600)
@@ -192,7 +215,7 @@ def run(args, device: torch.device) -> list[dict]:
         t0 = time.perf_counter()
         size = write_checkpoint(path, wan22_5b_shapes(blocks))
         log.info("memory: wrote %.2f GB in %.0f s", size / 1e9, time.perf_counter() - t0)
-        rows = measure(str(path), kinds, device.type)
+        rows = measure(str(path), kinds, device.type, getattr(args, "memory_profile", None))
     for r in rows:
         r.update(table="memory", file_gb=size / 1e9, blocks=blocks, device=device.type)
     return rows
@@ -208,8 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     ns = argparse.Namespace(memory_blocks=a.blocks, memory_dir=a.dir, memory_loads=a.loads, quick=False)
     rows = run(ns, torch.device(a.device))
-    keys = ["load", "file_gb", "weights_gib", "peak_rss_gib", "peak_anon_gib", "peak_file_gib", "load_s",
-            "peak_vram_gib", "error"]
+    keys = [
+        "load",
+        "file_gb",
+        "weights_gib",
+        "peak_rss_gib",
+        "peak_anon_gib",
+        "peak_file_gib",
+        "load_s",
+        "peak_vram_gib",
+        "error",
+    ]
     print("| " + " | ".join(keys) + " |")
     for r in rows:
         cells = [f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]

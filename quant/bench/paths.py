@@ -70,6 +70,8 @@ def build_paths(
     from ..matmul.linear import quantized_linear
 
     paths["ours_fp8_auto"] = (lambda x: quantized_linear(x, qw8, b), nb8)
+    # weights only (a `weights-only:` layer): FP8 weight dequantized for a bf16 GEMM
+    paths["ours_fp8_w8a16"] = (lambda x: quantized_linear(x, qw8, b, compute="w8a16"), nb8)
 
     qw4, nb4 = _mxfp4_weight(w)
     codes, scales = qw4.qdata, qw4.scale
