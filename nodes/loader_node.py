@@ -10,6 +10,36 @@ from . import names
 from .loader import COMPUTE_DTYPES, load_quantized, quantization_choices
 
 
+def validate_loader_inputs(unet_name, quantization, ignored_layers, keep_sensitive) -> bool | str:
+    """True, or the message a user sees when the queue refuses the prompt."""
+    from ..quant.checkpoint import classify_checkpoint, read_header
+    from ..quant.errors import OnlineQuantError
+    from ..quant.quality import parse_sensitivity_rule
+    from ..quant.selection.actions import parse_lines
+    from ..quant.selection.checkpoint_plan import plan_checkpoint
+
+    try:
+        if isinstance(keep_sensitive, str) and keep_sensitive.strip().lower() not in ("", "none", "off"):
+            parse_sensitivity_rule(keep_sensitive)
+        if isinstance(ignored_layers, str):
+            parse_lines(ignored_layers)  # syntax, with the line numbers the user typed
+        path = (
+            folder_paths.get_full_path("diffusion_models", unet_name) if isinstance(unet_name, str) else None
+        )
+        if path and path.lower().endswith((".safetensors", ".sft")) and isinstance(quantization, str):
+            header = read_header(path)
+            plan_checkpoint(
+                header.shapes(),
+                quantization,
+                ignored_layers if isinstance(ignored_layers, str) else None,
+                kind=classify_checkpoint(header),
+                file=unet_name,
+            )
+    except (OnlineQuantError, ValueError) as e:
+        return str(e)
+    return True
+
+
 class OnlineQuantDiffusionLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -83,8 +113,16 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype,
-                keep_sensitive="none"):
+    def validate_inputs(cls, unet_name, quantization, ignored_layers, keep_sensitive="none"):
+        """Refuse a bad pattern (naming its line), a file the loader would refuse, or a bad
+        keep_sensitive rule when the prompt is queued, with the preview's message, instead of
+        failing at run time. Reads only the file's header."""
+        return validate_loader_inputs(unet_name, quantization, ignored_layers, keep_sensitive)
+
+    @classmethod
+    def execute(
+        cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive="none"
+    ):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         model, report = load_quantized(
             path, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive=keep_sensitive

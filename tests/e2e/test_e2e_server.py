@@ -392,3 +392,22 @@ def test_zimage_workflow_at_real_width(server, zimage_file, fmt):
     y = _latent(server, prefix)
     assert y.shape == (1, 16, 8, 8) and torch.isfinite(y).all()
     assert y.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("ignored_layers", "# auto\n\nre:((", "(line 3)"),
+        ("ignored_layers", "# auto\nweight-only: self_attn\n", "(line 2)"),
+        ("keep_sensitive", "worst banana", "keep_sensitive"),
+    ],
+)
+def test_queue_refuses_bad_inputs_before_the_run(server, field, value, expected):
+    """The loader's input validation refuses the prompt when it is queued, with the message (and
+    line) the preview shows; nothing starts."""
+    wf = _workflow("fp8_e4m3fn", "auto", "refused")
+    wf["1"]["inputs"][field] = value
+    status, body = server.post_json("/prompt", {"prompt": wf, "client_id": uuid.uuid4().hex})
+    assert status == 400, body
+    details = " ".join(e.get("details", "") for e in body["node_errors"]["1"]["errors"])
+    assert expected in details, details
