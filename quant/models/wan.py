@@ -139,32 +139,9 @@ def unloadable_layout(keys: set[str]) -> str | None:
 
 
 # ComfyUI's WanModel options (what its model detection sets for these files).
-WAN14B_CONFIG = dict(
-    model_type="t2v",
-    patch_size=(1, 2, 2),
-    text_len=512,
-    in_dim=16,
-    dim=5120,
-    ffn_dim=13824,
-    freq_dim=256,
-    text_dim=4096,
-    out_dim=16,
-    num_heads=40,
-    num_layers=40,
-)
-WAN5B_CONFIG = dict(
-    model_type="t2v",
-    patch_size=(1, 2, 2),
-    text_len=512,
-    in_dim=48,
-    dim=3072,
-    ffn_dim=14336,
-    freq_dim=256,
-    text_dim=4096,
-    out_dim=48,
-    num_heads=24,
-    num_layers=30,
-)
+_WAN_COMMON = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, freq_dim=256, text_dim=4096)
+WAN14B_CONFIG = dict(_WAN_COMMON, in_dim=16, dim=5120, ffn_dim=13824, out_dim=16, num_heads=40, num_layers=40)
+WAN5B_CONFIG = dict(_WAN_COMMON, in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30)
 
 
 def _reference(
