@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import get_reference
+from ..models import REFERENCE_MODELS, get_reference
 from .timing import rel_l2
 
 log = logging.getLogger(__name__)
@@ -44,59 +44,23 @@ def tiny_config(cfg: dict, **over) -> dict:
     return c
 
 
+# The models this benchmark builds: every reference model with a ComfyUI class and example inputs
+# (quant/models holds their configs, CI-size overrides and inputs: adding a family adds it here).
 MODELS = {
-    # name: (class path, config, quick config, inputs(quick) -> kwargs, family, what)
-    "zimage": (
-        get_reference("zimage").comfy_class,
-        ZIMAGE,
-        tiny_config(ZIMAGE, dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
-        "zimage",
-        "Z-Image-Turbo 1024x1024 (4096 image + 256 text tokens)",
-    ),
-    "wan22_5b": (
-        get_reference("wan22_5b").comfy_class,
-        WAN5B,
-        tiny_config(WAN5B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
-        "wan22_5b",
-        "Wan 2.2 TI2V 5B 1280x704x121 (27280 tokens)",
-    ),
-    "wan21_t2v_14b": (
-        get_reference("wan21_t2v_14b").comfy_class,
-        WAN14B,
-        tiny_config(WAN14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2),
-        "wan21",
-        "Wan 14B 832x480x81 (32760 tokens)",
-    ),
+    name: (
+        ref.comfy_class,
+        dict(ref.comfy_config),
+        tiny_config(ref.comfy_config, **ref.tiny_overrides),
+        ref.family,
+        f"{ref.description} {ref.inputs_description}",
+    )
+    for name, ref in REFERENCE_MODELS.items()
+    if ref.comfy_class and ref.example_inputs is not None
 }
 
 
 def _inputs(name: str, quick: bool, device, dtype=torch.bfloat16) -> dict:
-    g = torch.Generator(device=device).manual_seed(1)
-
-    def rn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
-
-    if name == "zimage":
-        hw, txt, cap = (8, 32, 256) if quick else (128, 256, 2560)
-        return dict(
-            x=rn(1, 16, hw, hw),
-            timesteps=torch.tensor([0.5], device=device),
-            context=rn(1, txt, cap, scale=0.5),
-            num_tokens=txt,
-        )
-    if name == "wan22_5b":
-        t, h, w = (1, 8, 8) if quick else (31, 44, 80)
-        return dict(
-            x=rn(1, 48, t, h, w),
-            timestep=torch.tensor([500.0], device=device),
-            context=rn(1, 512 if not quick else 12, 4096, scale=0.5),
-        )
-    t, h, w = (1, 8, 8) if quick else (21, 60, 104)
-    return dict(
-        x=rn(1, 16, t, h, w),
-        timestep=torch.tensor([500.0], device=device),
-        context=rn(1, 512 if not quick else 12, 4096, scale=0.5),
-    )
+    return get_reference(name).example_inputs(quick, device, dtype)
 
 
 # ---------------------------------------------------------------- ComfyUI and the pack

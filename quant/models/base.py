@@ -33,6 +33,7 @@ __all__ = [
     "family_choices",
     "get_family",
     "register_family",
+    "seeded_randn",
     "shape_of",
     "unloadable_layout",
 ]
@@ -105,6 +106,12 @@ class ReferenceModel:
     comfy_class: str = ""
     comfy_config: Mapping[str, object] = field(default_factory=dict)
     description: str = ""
+    # For benchmarks and tests of the real model class: the options of a CI-size copy (tiny widths,
+    # 2 blocks), and (quick, device, dtype) -> the forward's keyword inputs for one step, with what
+    # they stand for (e.g. "1280x704x121 (27280 tokens)").
+    tiny_overrides: Mapping[str, object] = field(default_factory=dict)
+    example_inputs: Callable[..., dict] | None = None
+    inputs_description: str = ""
 
 
 REFERENCE_MODELS: dict[str, ReferenceModel] = {}
@@ -140,6 +147,19 @@ def get_reference(model: str) -> ReferenceModel:
         return REFERENCE_MODELS[model]
     except KeyError:
         raise ValueError(f"unknown reference model {model!r}; known: {', '.join(REFERENCE_MODELS)}") from None
+
+
+def seeded_randn(device, dtype, seed: int = 1) -> Callable[..., object]:
+    """randn(*shape, scale=1.0) drawing from one seeded generator: example inputs that are the same
+    on every run."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0):
+        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+
+    return randn
 
 
 def reference_linear_shapes(model: str) -> LinearShapes:

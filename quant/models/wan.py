@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from .base import Family, IgnoreRule, ReferenceModel, register_family, shape_of
+from .base import Family, IgnoreRule, ReferenceModel, register_family, seeded_randn, shape_of
 
 # Attention projections: quantized weights, bf16 activations. The Wan 2.2 collapse on long videos
 # reported with FP8 in attention and FFN (vLLM-Omni PR #2920) was online W8A8, i.e. per-token FP8
@@ -144,6 +144,22 @@ WAN14B_CONFIG = dict(_WAN_COMMON, in_dim=16, dim=5120, ffn_dim=13824, out_dim=16
 WAN5B_CONFIG = dict(_WAN_COMMON, in_dim=48, dim=3072, ffn_dim=14336, out_dim=48, num_heads=24, num_layers=30)
 
 
+def _example_inputs(channels: int, latent: tuple[int, int, int]):
+    def example_inputs(quick: bool, device, dtype) -> dict:
+        """One WanModel step on a [1, C, T, H, W] latent with 512 umT5 tokens."""
+        import torch
+
+        randn = seeded_randn(device, dtype)
+        t, h, w = (1, 8, 8) if quick else latent
+        return dict(
+            x=randn(1, channels, t, h, w),
+            timestep=torch.tensor([500.0], device=device),
+            context=randn(1, 512 if not quick else 12, 4096, scale=0.5),
+        )
+
+    return example_inputs
+
+
 def _reference(
     name: str,
     family: str,
@@ -154,6 +170,7 @@ def _reference(
     i2v: bool,
     config: dict | None,
     description: str,
+    latent: tuple[tuple[int, int, int], str] | None = None,
 ) -> ReferenceModel:
     def detected_tensors() -> dict[str, tuple[int, ...]]:
         return {
@@ -170,6 +187,9 @@ def _reference(
         "comfy.ldm.wan.model:WanModel" if config else "",
         config or {},
         description,
+        tiny_overrides=dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2) if config else {},
+        example_inputs=_example_inputs(config["in_dim"], latent[0]) if config and latent else None,
+        inputs_description=latent[1] if latent else "",
     )
 
 
@@ -189,6 +209,7 @@ register_family(
             False,
             WAN14B_CONFIG,
             "Wan 2.1 T2V 14B / Wan 2.2 A14B expert",
+            ((21, 60, 104), "832x480x81 (32760 tokens)"),
         ),
         _reference("wan21_i2v_14b", "wan21", 5120, 13824, 40, 64, True, None, "Wan 2.1 I2V 14B"),
         _reference("wan21_t2v_1.3b", "wan21", 1536, 8960, 30, 64, False, None, "Wan 2.1 T2V 1.3B"),
@@ -197,6 +218,17 @@ register_family(
 register_family(
     WAN22_5B,
     references=[
-        _reference("wan22_5b", "wan22_5b", 3072, 14336, 30, 192, False, WAN5B_CONFIG, "Wan 2.2 TI2V 5B"),
+        _reference(
+            "wan22_5b",
+            "wan22_5b",
+            3072,
+            14336,
+            30,
+            192,
+            False,
+            WAN5B_CONFIG,
+            "Wan 2.2 TI2V 5B",
+            ((31, 44, 80), "1280x704x121 (27280 tokens)"),
+        ),
     ],
 )

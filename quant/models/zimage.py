@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from .base import Family, FusedLayer, IgnoreRule, ReferenceModel, register_family, shape_of
+from .base import Family, FusedLayer, IgnoreRule, ReferenceModel, register_family, seeded_randn, shape_of
 
 # Reported for Z-Image-Turbo: FP8 on every Linear gave noise (LPIPS 0.74); keeping the
 # sensitive layers below in bf16 gave 0.07. They are also a small share of the weights (about 2%).
@@ -138,6 +138,20 @@ COMFY_CONFIG = dict(
     pad_tokens_multiple=32,
 )
 
+def example_inputs(quick: bool, device, dtype) -> dict:
+    """One NextDiT step at 1024x1024 (a 128x128 latent: 4096 image tokens) with 256 caption tokens."""
+    import torch
+
+    randn = seeded_randn(device, dtype)
+    hw, txt, cap = (8, 32, 256) if quick else (128, 256, 2560)
+    return dict(
+        x=randn(1, 16, hw, hw),
+        timesteps=torch.tensor([0.5], device=device),
+        context=randn(1, txt, cap, scale=0.5),
+        num_tokens=txt,
+    )
+
+
 register_family(
     FAMILY,
     aliases=("z-image",),
@@ -152,6 +166,9 @@ register_family(
             "comfy.ldm.lumina.model:NextDiT",
             COMFY_CONFIG,
             "Z-Image-Turbo 6B",
+            tiny_overrides=dict(dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=256),
+            example_inputs=example_inputs,
+            inputs_description="1024x1024 (4096 image + 256 text tokens)",
         ),
     ],
 )
