@@ -28,6 +28,7 @@ from ..quant.errors import CheckpointError
 from ..quant.formats import FORMATS, get_format
 from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
+from ..quant.selection.plan import format_bytes
 from .ops import make_ops
 from .report import LayerRecord, LoadReport
 
@@ -206,13 +207,14 @@ def load_quantized(
         report.backend, report.backend_reason, report.backends_skipped = _backend(
             quantization, load_device, compute
         )
-        log.info(
-            "OnlineQuant %s: %s on %s -> backend %s (%s)",
+        log.debug(
+            "OnlineQuant %s: %s on %s -> backend %s (%s; not chosen: %s)",
             name,
             quantization,
             load_device,
             report.backend,
             report.backend_reason,
+            report.backends_skipped,
         )
     else:
         # plain load: list the Linear layers as ComfyUI loaded them, for a comparable report
@@ -225,4 +227,14 @@ def load_quantized(
                     )
                 )
     report.load_seconds = time.perf_counter() - t0
+    log.info(
+        "OnlineQuant %s: %s, %d Linear layers quantized, %d kept, %s -> %s, %.1f s",
+        name,
+        report.format,
+        len(report.quantized()),
+        len(report.kept()),
+        format_bytes(report.linear_bytes_before()),
+        format_bytes(report.linear_bytes_after()),
+        report.load_seconds,
+    )
     return patcher, report
