@@ -1,7 +1,8 @@
 """Numeric constants of the formats, each with the place it comes from.
 
 OCP MX v1.0 = "OCP Microscaling Formats (MX) Specification v1.0" (Sept 2023), sections 5.1-5.3
-and 6.3; AMD AITER's dynamic_mxfp4_quant for its scale rounding.
+and 6.3; AMD AITER (github.com/ROCm/aiter) `aiter/utility/fp4_utils.py` for its MXFP4 scale
+rounding, the same in every tag from v0.1.3 through v0.1.20.post1.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ E2M1_EMAX = 2
 # Bits per MXFP4 weight: 4 data bits + one 8-bit scale per 32 elements = 4.25.
 MXFP4_BITS_PER_WEIGHT = 4 + 8 / MX_BLOCK_SIZE
 
-# AITER dynamic_mxfp4_quant rounds amax's fp32 bit pattern before taking its exponent: add
-# 2^21 (half of the mantissa's top bit) and keep sign+exponent. A mantissa >= 1.75 thus carries
-# into the next exponent.
+# The largest shared exponent whose top element stays finite: 6 * 2^125 = 1.5 * 2^127 is below
+# fp32's and bf16's max (~2^128), 6 * 2^126 is not. E8M0 itself reaches 2^127, so a scale rule
+# that picks 126 or 127 for a finite block would dequantize its top elements to +-inf.
+MXFP4_MAX_EXP = 125
+
+# AITER's dynamic_mxfp4_quant (aiter/utility/fp4_utils.py, every tag v0.1.3 .. v0.1.20.post1)
+# rounds amax's fp32 bit pattern before taking its exponent: add 2^21 (half of the mantissa's
+# top bit) and keep sign+exponent. A mantissa >= 1.75 thus carries into the next exponent.
 AITER_AMAX_ROUND_ADD = 0x200000
 AITER_AMAX_MASK = 0xFF800000

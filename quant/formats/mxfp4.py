@@ -4,16 +4,31 @@ Layout: `codes` uint8 [..., K//2], two E2M1 codes per byte with the EVEN
 element in the LOW nibble; `scales` uint8 [..., K//32], E8M0 (bias 127). A code's bit 3 is the
 sign and is kept even when the magnitude rounds to zero (-0.0 and -0.1*scale give 0x8).
 
-Scale rounding modes (`rounding=`):
-- "even" (default): AITER `dynamic_mxfp4_quant`, bit for bit: amax's fp32 bits + 0x200000,
-  masked to sign+exponent, exponent = floor(log2) - 2 clamped to [-127, 127]; elements round to
-  nearest with ties AWAY from zero and saturate at 6. (Current AITER's `_mxfp4_quant_op`
-  "tie breaking up"; older AITER releases rounded elements ties-to-even, which differs only on
-  exact ties. An amax >= 1.75 * 2^127 carries into +inf, whose log2 AITER clamps to 127.)
+Rounding modes (`rounding=`), each named by the scale rule and the element tie rule:
+- "even" (default): AMD AITER's MXFP4 quantizer, bit for bit, as it is from AITER tag v0.1.12
+  through v0.1.20.post1 (and on its main branch at v0.1.20-46-ge4048607a5):
+  `aiter/utility/fp4_utils.py` `dynamic_mxfp4_quant`, and the Triton `_mxfp4_quant_op`
+  (`aiter/ops/triton/_triton_kernels/quant.py`, later `.../quant/quant.py`) from v0.1.8.
+  Scale: amax's fp32 bits + 0x200000, masked to sign+exponent (0xFF800000), exponent =
+  floor(log2) - 2 clamped to [-127, 127] -- a block whose amax mantissa is >= 1.75 takes the next
+  power of two. Elements: round to nearest, ties to EVEN, saturating at 6.
+- "even_ties_away": the same scale with elements rounded to nearest, ties AWAY from zero: AITER's
+  older element rounding ("tie breaking up") in `fp4_utils.dynamic_mxfp4_quant` up to tag v0.1.11
+  and in the Triton `_mxfp4_quant_op` up to v0.1.7. It differs from "even" only on exact ties
+  (e.g. 2.5 -> 3 instead of 2, 0.25 -> 0.5 instead of 0); kept to reproduce those releases.
 - "floor": OCP MX v1.0 §6.3 / torchao FLOOR: exponent = floor(log2(amax)) - 2; elements round to
   nearest, ties to even, saturating at 6 (a block whose amax mantissa > 1.5 saturates its top).
-- "ceil": the smallest exponent with amax * 2^-exponent <= 6 (never saturates); ties to even.
+- "ceil": torchao RCEIL: the smallest exponent with amax * 2^-exponent <= 6; ties to even.
 An all-zero block gets exponent -127, i.e. scale byte 0, in every mode.
+
+Finite in, finite out: every mode caps the shared exponent at MXFP4_MAX_EXP = 125, the largest
+at which the top element 6 * 2^e is finite (1.5 * 2^127; 6 * 2^126 overflows fp32 and bf16).
+Only blocks whose amax is above 1.5 * 2^127 (~2.55e38) can reach it: "ceil" would pick 126 for
+amax > 1.5 * 2^127 and "even" 127 for amax >= 1.75 * 2^127 (~2.98e38), where AITER (every tag
+above) carries amax into +inf, clamps log2(inf) to 127 and writes scale byte 254; its codes
+x * 2^-127 in [1.75, 2) round to 2.0, which dequantizes to 2^128 = +inf. Here such a block gets
+byte 252 and saturates its top elements to +-6 (+-1.5 * 2^127, the largest finite MXFP4 value);
+every block with amax < 1.75 * 2^127 stays bit-identical to AITER.
 
 Everything is computed on integer views of fp32 values, vectorised, in row chunks so that a
 5120x13824 weight never needs more than a few MB of fp32 temporaries at a time. Encoding goes
@@ -23,7 +38,6 @@ agree on random fp32 patterns); decoding through a 256-entry byte -> (even, odd)
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,19 +53,20 @@ from ..constants import (
     E8M0_NAN,
     MX_BLOCK_SIZE,
     MXFP4_BITS_PER_WEIGHT,
+    MXFP4_MAX_EXP,
 )
 from ..errors import NonFiniteWeightError
 from . import fp8
 from .base import QuantizedWeight, WeightFormat, register_format
 
-ROUNDING_MODES = ("even", "floor", "ceil")
+ROUNDING_MODES = ("even", "even_ties_away", "floor", "ceil")
+_AITER_SCALE = ("even", "even_ties_away")  # modes with AITER's amax-rounding scale rule
 
 # Elements per chunk: 1 Mi fp32 = 4 MiB per temporary; large enough that Python overhead is noise.
 _CHUNK_ELEMS = 1 << 20
 
 _MANT_MASK = 0x007FFFFF
 _NATIVE = (torch.float32, torch.bfloat16, torch.float16)  # dtypes quantized without an fp32 copy
-_LITTLE_ENDIAN = sys.byteorder == "little"
 _ABS_MASK = 0x7FFFFFFF
 
 
@@ -71,17 +86,18 @@ def _check_shape(w: torch.Tensor, what: str = "tensor") -> int:
 
 
 def _block_exponent(amax: torch.Tensor, rounding: str) -> torch.Tensor:
-    """Shared exponent (int32, in [-127, 127]) of each block from its fp32 amax (>= 0, finite)."""
+    """Shared exponent (int32, in [-127, MXFP4_MAX_EXP]) of each block from its fp32 amax (>= 0).
+
+    A non-finite amax (activations only) gets some exponent in range; its block's scale byte is
+    then overwritten with the E8M0 NaN."""
     bits = amax.view(torch.int32)
-    if rounding == "even":
-        # AITER: round amax's mantissa at its top bit, keep sign+exponent. amax is
-        # finite and >= 0, so the int32 add cannot overflow; the largest amaxes carry into the
-        # all-ones exponent (+inf), whose log2 AITER clamps to 127.
+    if rounding in _AITER_SCALE:
+        # AITER: round amax's mantissa at its top bit, keep sign+exponent. amax is >= 0, so the
+        # int32 add cannot overflow; amaxes >= 1.75 * 2^127 carry into the all-ones exponent
+        # (+inf), where AITER's exponent would be 127 and the clamp below takes over.
+        # biased 0 means 0 or subnormal (log2 < -126): below the lower clamp either way.
         r = (bits + AITER_AMAX_ROUND_ADD) & _as_int32_const(AITER_AMAX_MASK)
-        biased = r >> 23
-        e = biased - 127 - E2M1_EMAX
-        # biased 0 means 0 or subnormal (log2 < -126): below the clamp either way.
-        e = torch.where(biased == 255, torch.full_like(e, E8M0_MAX_EXP), e)
+        e = (r >> 23) - 127 - E2M1_EMAX
     elif rounding == "floor":
         e = (bits >> 23) - 127 - E2M1_EMAX
     elif rounding == "ceil":
@@ -89,7 +105,8 @@ def _block_exponent(amax: torch.Tensor, rounding: str) -> torch.Tensor:
         e = (bits >> 23) - 127 - E2M1_EMAX + ((bits & _MANT_MASK) > 0x400000).to(torch.int32)
     else:
         raise ValueError(f"unknown MXFP4 rounding {rounding!r}; expected one of {ROUNDING_MODES}")
-    return e.clamp_(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    # Upper bound MXFP4_MAX_EXP (not E8M0's 127): a finite block must dequantize finite.
+    return e.clamp_(E8M0_MIN_EXP, MXFP4_MAX_EXP)
 
 
 def _pow2(e: torch.Tensor) -> torch.Tensor:
@@ -147,18 +164,6 @@ def _code_table(device: torch.device, ties_away: bool) -> torch.Tensor:
     return lut
 
 
-def _encode_even(y: torch.Tensor, out: torch.Tensor) -> None:
-    """Round-half-away codes of fp32 y [R, K], packed into out [R, K//2] in few memory passes:
-    the high 16 bits of each fp32 (a free uint16 view; little-endian: odd uint16 slots) index a
-    64 Ki-entry code table, even elements into low nibbles and odd ones into high nibbles."""
-    r, k = y.shape
-    lut = _code_table(y.device, True)
-    halves = y.view(torch.uint16)  # [R, 2K]
-    lo = lut.index_select(0, halves[:, 1::4].to(torch.int32).reshape(-1))  # elements 0, 2, 4, ...
-    hi = lut.index_select(0, halves[:, 3::4].to(torch.int32).reshape(-1))  # elements 1, 3, 5, ...
-    torch.bitwise_or(lo.view(r, k // 2), hi.view(r, k // 2).bitwise_left_shift_(4), out=out)
-
-
 def _quantize_rows(
     x: torch.Tensor, rounding: str, check_finite: bool, codes_out: torch.Tensor, scales_out: torch.Tensor
 ) -> None:
@@ -173,13 +178,10 @@ def _quantize_rows(
     e = _block_exponent(amax, rounding)
     # Exact: a power-of-two scaling, computed in fp32 (bf16/fp16 blocks promote in the multiply).
     y = (blocks * _pow2(-e).unsqueeze(-1)).view(r, k)
-    if rounding == "even" and _LITTLE_ENDIAN and y.device.type == "cpu":  # uint16 casts: CPU-only habit
-        _encode_even(y, codes_out)
-    else:
-        ties_away = rounding == "even"
-        codes = _code_table(x.device, ties_away).index_select(0, _lut_index(y, ties_away).view(-1))
-        codes = codes.view(r, k)
-        torch.bitwise_or(codes[:, 0::2], codes[:, 1::2] << 4, out=codes_out)  # even -> low nibble
+    ties_away = rounding == "even_ties_away"
+    codes = _code_table(x.device, ties_away).index_select(0, _lut_index(y, ties_away).view(-1))
+    codes = codes.view(r, k)
+    torch.bitwise_or(codes[:, 0::2], codes[:, 1::2] << 4, out=codes_out)  # even -> low nibble
     scales = (e + E8M0_BIAS).to(torch.uint8)
     if not check_finite:  # activations: a block holding NaN/Inf gets the E8M0 NaN scale (0xFF)
         scales.masked_fill_(~torch.isfinite(amax), E8M0_NAN)
@@ -305,7 +307,7 @@ register_format(
         name="mxfp4",
         rounding="even",
         **_COMMON,
-        description="MXFP4 (OCP MX v1.0), AITER dynamic_mxfp4_quant rounding, bit-exact",
+        description="MXFP4 (OCP MX v1.0), AITER (v0.1.12+) dynamic_mxfp4_quant rounding, bit-exact",
     ),
     "mxfp4_even",
     "mxfp4_aiter",

@@ -76,3 +76,21 @@ def test_quantized_weight_to_and_rows():
     mx = get_format("mxfp4")
     qm = mx.quantize(torch.randn(8, 64))
     assert torch.equal(mx.dequantize_rows(qm, 3, 8, torch.float32), mx.dequantize(qm, torch.float32)[3:8])
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_finite_weights_stay_finite_at_the_top_of_bf16(name):
+    """Blocks whose amax lies between 1.75 * 2^127 (~2.98e38) and bf16's max: a scale rule that
+    picks 2^126 or 2^127 there would dequantize them to +-inf."""
+    bf16max = torch.finfo(torch.bfloat16).max
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    w[0, :3] = torch.tensor([bf16max, -bf16max, 1.0])
+    w[1, 5] = 2.99e38
+    w[2, 40] = -3.2e38
+    w[3, :] = torch.linspace(2.9e38, 3.3e38, 64)
+    w = w.to(torch.bfloat16)
+    assert torch.isfinite(w).all()
+    f = get_format(name)
+    back = f.dequantize(f.quantize(w), torch.float32)
+    assert torch.isfinite(back).all(), name
+    assert back.abs().max() >= 2.5e38  # saturated near the top, not flushed

@@ -1,5 +1,5 @@
 """MXFP4 quantize/dequantize: bit-exact against hand-checked vectors and an independent
-float64 reference, for all three scale-rounding modes."""
+float64 reference, for every rounding mode."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ TIES_EVEN = [0, 2, 2, 4, 4, 6, 6, 7, 8, 8, 0, 15, 1, 2, 11, 6, 8, 14]
 
 
 @pytest.mark.parametrize(
-    "rounding,expected", [("even", TIES_AWAY), ("floor", TIES_EVEN), ("ceil", TIES_EVEN)]
+    "rounding,expected",
+    [("even", TIES_EVEN), ("even_ties_away", TIES_AWAY), ("floor", TIES_EVEN), ("ceil", TIES_EVEN)],
 )
 def test_ties_hand_checked(rounding, expected):
     codes, scales = mxfp4.quantize(block(*TIES), rounding)
@@ -45,7 +46,8 @@ def test_ties_hand_checked(rounding, expected):
     assert unpack(codes)[len(expected) :] == [0] * (32 - len(expected))
 
 
-# (amax, byte for even, floor, ceil): mantissa 1.75 carries in "even"; > 1.5 bumps "ceil".
+# (amax, byte for even, floor, ceil): mantissa 1.75 carries in "even"; > 1.5 bumps "ceil"; no
+# mode goes above byte 252 (exponent 125), where 6 * 2^e is still finite.
 SCALE_CASES = [
     (6.0, 127, 127, 127),
     (7.0, 128, 127, 128),  # 1.75 * 4
@@ -56,28 +58,42 @@ SCALE_CASES = [
     (2.0**-126, 0, 0, 0),  # floor(log2) - 2 = -128, clamped to -127
     (2.0**-140, 0, 0, 0),  # subnormal amax
     (2.0**127, 252, 252, 252),
-    (1.75 * 2.0**127, 254, 252, 253),  # AITER: carries into +inf, log2 -> inf, clamp 127
-    (torch.finfo(torch.float32).max, 254, 252, 253),  # (2 - 2^-23) * 2^127
+    (1.5 * 2.0**127, 252, 252, 252),
+    (1.625 * 2.0**127, 252, 252, 252),  # ceil would be 253: 4 * 2^126 = 2^128 overflows
+    (1.75 * 2.0**127, 252, 252, 252),  # AITER: carries into +inf, log2 -> inf, clamp 127 (254)
+    (torch.finfo(torch.float32).max, 252, 252, 252),  # (2 - 2^-23) * 2^127
 ]
 
 
 @pytest.mark.parametrize("amax,even,floor,ceil", SCALE_CASES)
 def test_scale_bytes_hand_checked(amax, even, floor, ceil):
     x = block(amax, -amax / 3)
-    for rounding, byte in (("even", even), ("floor", floor), ("ceil", ceil)):
+    for rounding, byte in (("even", even), ("even_ties_away", even), ("floor", floor), ("ceil", ceil)):
         _, scales = mxfp4.quantize(x, rounding)
         assert scales.item() == byte, rounding
 
 
 def test_large_amax_elements():
     x = block(1.75 * 2.0**127)
-    codes = {r: unpack(mxfp4.quantize(x, r)[0])[0] for r in ("even", "floor", "ceil")}
-    # even: e=127 -> 1.75 ties away -> 2.0 (code 4); floor: e=125 -> 7 saturates (7); ceil:
-    # e=126 -> 3.5 ties to even -> 4.0 (code 6).
-    assert codes == {"even": 4, "floor": 7, "ceil": 6}
+    codes = {r: unpack(mxfp4.quantize(x, r)[0])[0] for r in mxfp4.ROUNDING_MODES}
+    # Every mode: e=125 -> 7 saturates to 6 (code 7), i.e. 1.5 * 2^127, the largest finite value.
+    assert codes == dict.fromkeys(mxfp4.ROUNDING_MODES, 7)
 
 
-@pytest.mark.parametrize("rounding", ["even", "floor", "ceil"])
+def test_ties_to_even_block_from_bf16():
+    """A bf16 block with exact ties: ties to even ("even", AITER v0.1.12+) against ties away
+    ("even_ties_away", AITER <= v0.1.11); both keep scale byte 127 (amax 5 -> exponent 0)."""
+    x = block(4, 5, 2.5, 0.25, 1.25, 3.5, 0.75, 1.75).to(torch.bfloat16)
+    values = {}
+    for r in ("even", "even_ties_away"):
+        codes, scales = mxfp4.quantize(x, r)
+        assert scales.item() == 127
+        values[r] = mxfp4.dequantize(codes, scales, torch.float32)[0, :8].tolist()
+    assert values["even"] == [4, 4, 2, 0, 1, 4, 1, 2]
+    assert values["even_ties_away"] == [4, 6, 3, 0.5, 1.5, 4, 1, 2]
+
+
+@pytest.mark.parametrize("rounding", mxfp4.ROUNDING_MODES)
 def test_tiny_scales_and_subnormal_elements(rounding):
     # amax 2^-126 -> exponent -128 clamped to -127 (byte 0, scale 2^-127, an fp32 subnormal).
     # Elements: 2^-126 -> 2.0 (code 4); -2^-140 -> -2^-13 -> -0 (0x8); the fp32 subnormals
@@ -105,12 +121,14 @@ def test_packing_even_element_low_nibble():
 
 
 def test_amax_mantissa_175_rounds_up_in_even():
-    # 1.75 * 2^k must not saturate in "even": it lands exactly on 3.5 -> ties away -> 4.
+    # 1.75 * 2^k must not saturate in "even": it lands exactly on 3.5, a tie between 3 (code 5)
+    # and 4 (code 6) that goes to 4 both with ties to even and with ties away.
     for k in (-3, 0, 5):
         amax = 1.75 * 2.0**k
-        codes, scales = mxfp4.quantize(block(amax), "even")
-        back = mxfp4.dequantize(codes, scales, torch.float32)[0, 0].item()
-        assert back == 2.0 ** (k + 1)  # 4 * 2^(k+1-2)
+        for rounding in ("even", "even_ties_away"):
+            codes, scales = mxfp4.quantize(block(amax), rounding)
+            back = mxfp4.dequantize(codes, scales, torch.float32)[0, 0].item()
+            assert back == 2.0 ** (k + 1)  # 4 * 2^(k+1-2)
 
 
 def _ref_quantize(row: list[float], rounding: str) -> tuple[list[int], int]:
@@ -121,17 +139,15 @@ def _ref_quantize(row: list[float], rounding: str) -> tuple[list[int], int]:
     else:
         m, ex = math.frexp(amax)  # amax = m * 2^ex, m in [0.5, 1)
         floor_log2 = ex - 1
-        if rounding == "even":
+        if rounding in ("even", "even_ties_away"):
             # round the fp32 mantissa at its top bit: mantissa >= 1.75 -> next power of two
             floor_log2 += 1 if 2 * m >= 1.75 else 0
             e = floor_log2 - 2 if amax >= 2.0**-126 else -1000
-            if floor_log2 >= 128:  # carried into +inf: AITER's log2(inf) clamps to 127
-                e = 127
         elif rounding == "floor":
             e = floor_log2 - 2
         else:
             e = floor_log2 - 2 + (1 if 2 * m > 1.5 else 0)
-        e = max(-127, min(127, e))
+        e = max(-127, min(125, e))  # 125: the largest exponent with 6 * 2^e finite
     codes = []
     for v in row:
         y = abs(v) * 2.0**-e
@@ -139,13 +155,13 @@ def _ref_quantize(row: list[float], rounding: str) -> tuple[list[int], int]:
         d = abs(E2M1_MAGNITUDES[best] - y)
         ties = [i for i in range(8) if abs(E2M1_MAGNITUDES[i] - y) == d]
         if len(ties) == 2:
-            best = max(ties) if rounding == "even" else [i for i in ties if i % 2 == 0][0]
+            best = max(ties) if rounding == "even_ties_away" else [i for i in ties if i % 2 == 0][0]
         sign = 8 if math.copysign(1.0, v) < 0 else 0
         codes.append(best | sign)
     return codes, e + 127
 
 
-@pytest.mark.parametrize("rounding", ["even", "floor", "ceil"])
+@pytest.mark.parametrize("rounding", mxfp4.ROUNDING_MODES)
 def test_matches_independent_reference(rounding):
     g = torch.Generator().manual_seed(1)
     rows = []
@@ -254,7 +270,7 @@ _elem = st.one_of(
 @given(
     vals=st.lists(_elem, min_size=32, max_size=32),
     exp=st.sampled_from([0, 0, -130, 100]) | st.integers(-140, 120),
-    rounding=st.sampled_from(["even", "floor", "ceil"]),
+    rounding=st.sampled_from(mxfp4.ROUNDING_MODES),
 )
 def test_property_matches_independent_reference(vals, exp, rounding):
     x = torch.tensor([vals], dtype=torch.float64) * 2.0**exp

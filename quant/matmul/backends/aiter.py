@@ -5,20 +5,32 @@ unrelated project: it is never a dependency, and `aiter_module()` refuses a modu
 that lacks AITER's ops. Everything is imported lazily; on machines without it the backend's
 `check` says why and the reference path runs.
 
-Call sequence on gfx950 (as AITER's own op tests and its users run it):
-  weights (once, cached per weight): pad N to a multiple of 16 and K to a multiple of 64,
-      `shuffle_weight(codes, layout=(16, 16))`, `e8m0_shuffle(scales)` (scales padded to
-      [ceil256(N), ceil8(K/32)]);
-  each call: pad x's K, `dynamic_mxfp4_quant(x)` (activation codes + E8M0 scales, AITER's
-      rounding = this pack's "mxfp4" format), `e8m0_shuffle(x_scales)`,
-      `gemm_a4w4(x_codes, w_shuffled, x_scales_shuffled, w_scales_shuffled, dtype=bf16,
-      bpreshuffle=True)` -> bf16 [M, N_pad]; slice N, add the bias after, cast to x.dtype.
-The layouts below follow AITER's documented Python definitions (aiter/ops/shuffle.py,
-aiter/utility/fp4_utils.py); `*_emulated` functions reproduce AITER's ops in plain PyTorch, and
-the tests check the whole sequence against them. NOT YET RUN ON AN MI350: no AMD GPU was
-available while this was written.
+Targets amd-aiter v0.1.12 and later; the signatures below are those of AITER tags v0.1.12
+through v0.1.20.post1 (github.com/ROCm/aiter), where they do not change in the parts used here:
+  aiter.utility.fp4_utils.dynamic_mxfp4_quant(x, scaling_mode="even", shuffle=False)
+      -> (codes fp4x2 [M, K/2], scales fp8_e8m0: [M, K/32], or with shuffle=True padded to
+      [ceil256(M), ceil8(K/32)] and e8m0-shuffled). From v0.1.12 it rounds elements ties to even,
+      i.e. exactly like this pack's "mxfp4" format (rounding "even"); earlier releases round ties
+      away, which is why older ones are refused. (`aiter.ops.triton.quant.dynamic_mxfp4_quant`
+      is another function, `(x, scaling_mode="even")`, without `shuffle`: not used.)
+  aiter.ops.shuffle.shuffle_weight(x, layout=(16, 16), use_int4=False, ...)
+  aiter.utility.fp4_utils.e8m0_shuffle(scale)
+  aiter.gemm_a4w4(A, B, A_scale, B_scale, bias=None, dtype=bf16, alpha=1.0, beta=0.0,
+      bpreshuffle=True, ...) -> [M, N] (no `out` argument since v0.1.9).
+`aiter_module()` checks that these accept the keywords used here before the backend is chosen.
 
-gfx942 (MI300) has no FP4 compute; it runs FP8 e4m3fnuz through torch._scaled_mm (quant/backends.py
+Call sequence on gfx950 (as AITER's own op_tests/test_gemm_a4w4.py runs it):
+  weights (once, cached per weight): pad N to a multiple of 16 and K to a multiple of 64,
+      `shuffle_weight(codes, layout=(16, 16))`, `e8m0_shuffle(scales)`;
+  each call: pad x's K, `dynamic_mxfp4_quant(x, shuffle=True)`,
+      `gemm_a4w4(x_codes, w_shuffled, x_scales, w_scales, dtype=bf16, bpreshuffle=True)` ->
+      bf16 [M, N_pad]; slice N, add the bias after, cast to x.dtype.
+The layout functions below are the pack's own plain-PyTorch versions of AITER's (same
+permutations as aiter/ops/shuffle.py and aiter/utility/fp4_utils.py at the tags above); the tests
+run the whole sequence against a stub `aiter` with AITER's exact signatures built on them. NOT YET
+RUN ON AN MI350: no AMD GPU was available while this was written.
+
+gfx942 (MI300) has no FP4 compute; it runs FP8 e4m3fnuz through torch._scaled_mm (backends
 "scaled_mm" and "triton_fp8", with the "fp8_e4m3fnuz" weight format).
 """
 
@@ -26,15 +38,18 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import inspect
 import logging
+import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ...errors import BackendUnavailableError
-from ...formats import QuantizedWeight, WeightFormat, mxfp4
+from ...formats import QuantizedWeight, WeightFormat
 from ..registry import Backend, DeviceInfo, register_backend
 
 log = logging.getLogger(__name__)
@@ -104,92 +119,99 @@ def pad_codes(codes: torch.Tensor, scales: torch.Tensor, n_pad: int, k_pad: int)
     return c, s
 
 
-# ---------------------------------------------------------------- emulation of AITER's ops
-def dynamic_mxfp4_quant_emulated(x: torch.Tensor, shuffle: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """AITER's dynamic_mxfp4_quant in PyTorch: codes [M, K/2]; scales [ceil256(M), ceil8(K/32)]
-    (e8m0-shuffled when `shuffle`, else row-major with the same padding)."""
-    codes, scales = mxfp4.quantize(x, "even", check_finite=False)
-    if shuffle:
-        return codes, e8m0_shuffle(scales)
-    m, s = scales.shape
-    out = torch.full(
-        (_ceil(m, SCALE_ROWS_MULTIPLE), _ceil(s, SCALE_COLS_MULTIPLE)),
-        E8M0_ONE,
-        dtype=torch.uint8,
-        device=x.device,
-    )
-    out[:m, :s] = scales
-    return codes, out
-
-
-def gemm_a4w4_emulated(a_codes, w_shuffled, a_scales_shuffled, w_scales_shuffled, dtype=torch.bfloat16):
-    """AITER's gemm_a4w4(bpreshuffle=True) in PyTorch: [M, K/2] x shuffled [N, K/2] -> [M, N]."""
-    m, kh = a_codes.shape
-    n = w_shuffled.shape[0]
-    k = kh * 2
-    w_codes = unshuffle_weight(w_shuffled.view(torch.uint8))
-    a_s = e8m0_unshuffle(a_scales_shuffled, m, k // 32)
-    w_s = e8m0_unshuffle(w_scales_shuffled, n, k // 32)
-    a = mxfp4.dequantize(a_codes.view(torch.uint8), a_s, torch.float32)
-    w = mxfp4.dequantize(w_codes, w_s, torch.float32)
-    return (a @ w.t()).to(dtype)
-
-
-class EmulatedAiter:
-    """An object with AITER's API surface backed by the emulation (tests; never chosen at run time)."""
-
-    dynamic_mxfp4_quant = staticmethod(dynamic_mxfp4_quant_emulated)
-    shuffle_weight = staticmethod(shuffle_weight)
-    e8m0_shuffle = staticmethod(e8m0_shuffle)
-
-    @staticmethod
-    def gemm_a4w4(a, b, a_scale, b_scale, dtype=torch.bfloat16, bpreshuffle=True):
-        if not bpreshuffle:
-            raise ValueError("emulation implements bpreshuffle=True only")
-        return gemm_a4w4_emulated(a, b, a_scale, b_scale, dtype)
-
-
 # ---------------------------------------------------------------- the real AITER, lazily
+MIN_VERSION = (0, 1, 12)  # first release whose dynamic_mxfp4_quant rounds ties to even
+
+# (where, function, keywords this module passes to it)
+_NEEDED = (
+    ("aiter.utility.fp4_utils", "dynamic_mxfp4_quant", ("shuffle",)),
+    ("aiter.utility.fp4_utils", "e8m0_shuffle", ()),
+    ("aiter.ops.shuffle", "shuffle_weight", ("layout",)),
+    ("aiter", "gemm_a4w4", ("dtype", "bpreshuffle")),
+)
+
+
+@dataclass(frozen=True)
+class AiterOps:
+    """The AITER functions the linear calls, exactly as AITER defines them, and its dtypes."""
+
+    dynamic_mxfp4_quant: Callable
+    e8m0_shuffle: Callable
+    shuffle_weight: Callable
+    gemm_a4w4: Callable
+    fp4x2: torch.dtype  # aiter.dtypes.fp4x2: torch.float4_e2m1fn_x2 where torch has it
+    fp8_e8m0: torch.dtype  # aiter.dtypes.fp8_e8m0: torch.float8_e8m0fnu where torch has it
+
+
+def _installed_version() -> str | None:
+    try:
+        return importlib.metadata.version("amd-aiter")
+    except Exception:  # not installed as a distribution (e.g. a source checkout on sys.path)
+        return None
+
+
+def _version_tuple(v: str) -> tuple[int, ...] | None:
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", v)
+    return tuple(int(g) for g in m.groups()) if m else None
+
+
+def _takes(fn: Callable, keywords: tuple[str, ...]) -> bool:
+    """Whether fn's signature names `keywords`. A wrapper taking **kwargs passes: AITER wraps some
+    ops that way (gemm_a4w4 under `torch_compile_guard` in aiter/jit/utils/torch_guard.py,
+    v0.1.20.post1), and the custom op behind it then checks the keywords when called."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(k in params for k in keywords)
+
+
 @functools.cache
-def aiter_module():
-    """AMD's AITER as an object with dynamic_mxfp4_quant / shuffle_weight / e8m0_shuffle /
-    gemm_a4w4, or None (with the reason logged once) when it is not installed or not AMD's."""
+def aiter_status() -> tuple[AiterOps | None, str]:
+    """(AMD's AITER ops, "") or (None, why not); the reason is logged once."""
     try:
         aiter = importlib.import_module("aiter")
     except Exception as e:  # ImportError, or a ROCm library that fails to load
         log.debug("AITER not importable: %s", e)
-        return None
+        return None, "AMD's amd-aiter is not installed (PyPI's 'aiter' is unrelated)"
     if not hasattr(aiter, "gemm_a4w4"):
-        log.warning(
+        why = (
             "a module named 'aiter' was found but it is not AMD's amd-aiter (no gemm_a4w4); "
-            "PyPI's 'aiter' is an unrelated package"
+            "PyPI's 'aiter' is unrelated"
         )
-        return None
+        log.warning(why)
+        return None, why
+    version = _installed_version()
+    vt = _version_tuple(version) if version else None
+    if vt is not None and vt < MIN_VERSION:
+        why = (
+            f"amd-aiter {version} is older than 0.1.12: its dynamic_mxfp4_quant rounds ties away from zero "
+            "and its gemm_a4w4 signature may differ; this path targets amd-aiter 0.1.12 or later"
+        )
+        log.warning(why)
+        return None, why
+    fns = {}
     try:
-        quant = importlib.import_module("aiter.ops.triton.quant").dynamic_mxfp4_quant
-        fp4 = importlib.import_module("aiter.utility.fp4_utils")
-        shuffle = importlib.import_module("aiter.ops.shuffle").shuffle_weight
+        for where, name, keywords in _NEEDED:
+            fn = getattr(importlib.import_module(where), name)
+            if not _takes(fn, keywords):
+                raise TypeError(f"{where}.{name}{inspect.signature(fn)} does not take {', '.join(keywords)}")
+            fns[name] = fn
+        dtypes = aiter.dtypes
+        ops = AiterOps(**fns, fp4x2=dtypes.fp4x2, fp8_e8m0=dtypes.fp8_e8m0)
     except Exception as e:
-        log.warning("AITER found but its MXFP4 helpers did not import: %s", e)
-        return None
-    return _RealAiter(aiter, quant, shuffle, fp4.e8m0_shuffle)
+        found = version or "(version unknown)"
+        why = f"AITER {found} found but its MXFP4 API is not the one targeted (v0.1.12+): {e}"
+        log.warning(why)
+        return None, why
+    return ops, ""
 
 
-class _RealAiter:
-    def __init__(self, aiter, quant, shuffle, e8m0_shuffle_fn):
-        self._aiter = aiter
-        self.dynamic_mxfp4_quant = quant
-        self.shuffle_weight = shuffle
-        self.e8m0_shuffle = e8m0_shuffle_fn
-        self._needs_out = "out" in inspect.signature(aiter.gemm_a4w4).parameters
-
-    def gemm_a4w4(self, a, b, a_scale, b_scale, dtype=torch.bfloat16, bpreshuffle=True):
-        dt = self._aiter.dtypes
-        args = (a.view(dt.fp4x2), b.view(dt.fp4x2), a_scale.view(dt.fp8_e8m0), b_scale.view(dt.fp8_e8m0))
-        if self._needs_out:  # older releases: gemm_a4w4(A, B, A_scale, B_scale, out, bias, ...)
-            out = torch.empty((a.shape[0], b.shape[0]), dtype=dtype, device=a.device)
-            return self._aiter.gemm_a4w4(*args, out, bpreshuffle=bpreshuffle)
-        return self._aiter.gemm_a4w4(*args, dtype=dtype, bpreshuffle=bpreshuffle)
+def aiter_module() -> AiterOps | None:
+    """AMD's AITER ops, or None when it is not installed, not AMD's, or not a targeted release."""
+    return aiter_status()[0]
 
 
 # ---------------------------------------------------------------- the linear
@@ -208,7 +230,7 @@ class AiterWeight:
 _PREPARED: dict[int, tuple] = {}
 
 
-def prepare_weight(qw: QuantizedWeight, ops) -> AiterWeight:
+def prepare_weight(qw: QuantizedWeight, ops: AiterOps) -> AiterWeight:
     """Pad and shuffle an MXFP4 weight for gemm_a4w4 (cached per weight tensor)."""
     key = id(qw.qdata)
     hit = _PREPARED.get(key)
@@ -217,19 +239,21 @@ def prepare_weight(qw: QuantizedWeight, ops) -> AiterWeight:
     n, k = qw.shape
     n_pad, k_pad = _ceil(n, N_MULTIPLE), _ceil(k, K_MULTIPLE)
     codes, scales = pad_codes(qw.qdata, qw.scale, n_pad, k_pad)
-    prepared = AiterWeight(ops.shuffle_weight(codes), ops.e8m0_shuffle(scales), n, k, n_pad, k_pad)
+    # AITER's own dtypes, as its quantizer returns them for activations
+    shuffled = ops.shuffle_weight(codes.view(ops.fp4x2), layout=(16, 16))
+    prepared = AiterWeight(shuffled, ops.e8m0_shuffle(scales.view(ops.fp8_e8m0)), n, k, n_pad, k_pad)
     _PREPARED[key] = (weakref.ref(qw.qdata), ops, prepared)
     weakref.finalize(qw.qdata, _PREPARED.pop, key, None)
     return prepared
 
 
 def aiter_linear(
-    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, ops=None
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, ops: AiterOps | None = None
 ) -> torch.Tensor:
-    """MXFP4 W4A4 linear through AITER (or `ops`, e.g. EmulatedAiter): x [..., K] -> [..., N]."""
+    """MXFP4 W4A4 linear through AITER (or the given `ops`): x [..., K] -> [..., N]."""
     ops = ops or aiter_module()
     if ops is None:
-        raise BackendUnavailableError("AITER is not installed: install AMD's amd-aiter (ROCm, gfx950)")
+        raise BackendUnavailableError(f"AITER cannot run: {aiter_status()[1]}")
     pw = prepare_weight(qw, ops)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.k)
@@ -255,7 +279,7 @@ def _aiter_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
     if getattr(fmt, "rounding", "even") != "even":
         return False, "AITER quantizes activations with its own rounding; use format 'mxfp4'"
     if aiter_module() is None:
-        return False, "AMD's amd-aiter is not installed (PyPI's 'aiter' is unrelated)"
+        return False, aiter_status()[1] or "AMD's amd-aiter is not installed (PyPI's 'aiter' is unrelated)"
     return True, "gfx950 MXFP4 matrix cores via AITER gemm_a4w4 (W4A4; not yet run on an MI350)"
 
 
