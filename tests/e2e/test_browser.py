@@ -83,13 +83,25 @@ def page(srv, comfyui_path, tmp_path_factory):
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     write_sparse_safetensors(srv.models_dir / "diffusion_models" / PREVIEW_MODEL, reference_shapes("zimage"))
-    # Empty placeholders with the workflows' official file names, there before the editor opens
-    # (as for a user who has the files): the combos list them, nothing is loaded for real.
+    # Placeholders with the workflows' official file names, there before the editor opens (as for a
+    # user who has the files): the combos list them, nothing is loaded for real. The diffusion
+    # models are real headers over sparse data, since the loader's queue-time validation reads them.
     for path in WORKFLOWS:
         for n in json.loads(path.read_text())["nodes"]:
             for m in n.get("properties", {}).get("models", []):
                 f = srv.models_dir / m["directory"] / m["name"]
-                if not f.exists():
+                if f.exists():
+                    continue
+                if m["directory"] == "diffusion_models":
+                    model = (
+                        "zimage"
+                        if "z_image" in m["name"]
+                        else "wan22_5b"
+                        if "5B" in m["name"]
+                        else "wan21_t2v_14b"
+                    )
+                    write_sparse_safetensors(f, reference_shapes(model))
+                else:
                     f.write_bytes(b"")
     from helpers_models import save_model, wan_model
 
