@@ -31,7 +31,7 @@ import torch
 
 from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header
 from ..quant.checkpoint.reader import all_finite, non_finite_error
-from ..quant.errors import CheckpointError, OnlineQuantError
+from ..quant.errors import CheckpointError, HeaderTooLargeError, OnlineQuantError
 from ..quant.formats import FORMATS, get_format
 from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
@@ -71,6 +71,9 @@ def _release_pinned() -> None:
 # Already-quantized files: tensors up to this size (scales, `comfy_quant` configs, biases) are read
 # at once into plain tensors, because ComfyUI reads some of them through `.numpy()`.
 _EAGER_BYTES = 1 << 20
+# A diffusion model's header is small (Wan 2.1 14B: ~150 KB for ~1,100 tensors); 8 MiB holds some
+# 50,000 entries (plan_checkpoint's limit). A 100 MB header took ~35 s and ~3 GB to be refused.
+MAX_HEADER_BYTES = 8 * 1024 * 1024
 
 
 def _release_failed_load(exc: BaseException, readers: list) -> None:
@@ -163,7 +166,14 @@ def _load_quantized(
         # Validate the header first: LFS pointers, HTML pages, truncated or malformed files get an
         # error naming the file and what it is, and the plan (or the refusal) is the preview's and
         # the CLI's, all before ComfyUI reads a byte of tensor data.
-        header = read_header(unet_path)
+        try:
+            header = read_header(unet_path, max_header_bytes=MAX_HEADER_BYTES)
+        except HeaderTooLargeError as e:
+            why = (
+                f"{e.reason}: a diffusion model's header is far smaller (Wan 2.1 14B: ~150 KB), so this "
+                "file holds hundreds of thousands of tensors; it is not a diffusion model file"
+            )
+            raise CheckpointError(f"{unet_path}: {why}", path=unet_path, reason=why) from None
         kind = classify_checkpoint(header)
         cp = plan_checkpoint(
             header.shapes(),

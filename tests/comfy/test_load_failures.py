@@ -521,3 +521,19 @@ def test_failed_load_releases_the_file_and_model_without_a_gc(pack, loader, wan_
     finally:
         gc.enable()
         restore()
+
+
+# ---- implausible files are refused from the header -------------------------------------------
+
+
+def test_implausible_tensor_counts_are_refused_from_the_header(pack, loader, tmp_path):
+    from helpers_sparse import write_sparse_safetensors
+
+    many = write_sparse_safetensors(
+        tmp_path / "many.safetensors", {f"b.{i}.weight": (2, 2) for i in range(60_000)}
+    )
+    with pytest.raises(_errors(pack).CheckpointError, match=r"60000 tensors.*not a diffusion model"):
+        loader.load_quantized(str(many), "fp8_e4m3fn", "")
+    huge = write_sparse_safetensors(tmp_path / "huge.sft", {"a.weight": (4, 4)}, pad_header_to=9 * 2**20)
+    with pytest.raises(_errors(pack).CheckpointError, match=r"header.*not a diffusion model file"):
+        loader.load_quantized(str(huge), "fp8_e4m3fn", "")
