@@ -46,26 +46,20 @@ package (the syntax of Python's ``re``) behind `_search`: a search holds the GIL
 a budget of `MATCH_BUDGET_S` seconds; over it, the pattern at fault is a PatternError naming its
 line. Compiling is bounded too: at most `MAX_PATTERN_CHARS` characters a pattern, at most
 `MAX_REGEX_PATTERNS` regexes, and counted repeats whose expansion (``(a{1000}){1000}``) would
-exhaust memory in the compiler are refused.
+exhaust memory in the compiler are refused (quant/selection/regex_engine.py).
 """
 
 from __future__ import annotations
 
 import re
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import regex as _engine
-
 from ..errors import PatternError
-
-try:  # the parser of Python's own `re`: checks the syntax and sizes without expanding anything
-    from re import _parser as _sre_parse
-except ImportError:  # Python 3.10
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+from . import regex_engine as _rx
+from .regex_engine import MAX_PATTERN_CHARS, MAX_REGEX_PATTERNS, MAX_REGEX_SIZE, MAX_REGEX_TOTAL_SIZE
 
 __all__ = ["Pattern", "PatternSet", "parse_patterns", "strip_prefix", "KNOWN_PREFIXES"]
 
@@ -74,12 +68,6 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
-MAX_PATTERN_CHARS = 1000  # a layer name is rarely 200 characters; longer patterns are not names
-MAX_REGEX_PATTERNS = 1000  # 're:' patterns in one text (thousands of exact names are plain patterns)
-MAX_REGEX_SIZE = 10_000  # a regex's size with counted repeats expanded ('a{100}' is 100)
-MAX_REGEX_TOTAL_SIZE = 100_000  # the same, summed over every regex of one text
-HOLD_GIL_S = 0.02  # longest one search holds the GIL before it goes on with the GIL released
-MATCH_BUDGET_S = 5.0  # all the glob and regex searches of one pattern set together
 
 
 def strip_prefix(name: str) -> str:
@@ -102,106 +90,11 @@ class Pattern:
     size: int = field(default=1, compare=False)  # expanded size (regexes), see MAX_REGEX_SIZE
 
     def matches(self, name: str) -> bool:
-        return _search(self, self.regex, name, _Budget())
+        return _rx.search(self.where(), self.regex, name, _rx.Budget())
 
     def where(self) -> str:
         """``'attention.q' (line 3)`` — how messages name this pattern."""
         return f"{self.text!r} (line {self.line})"
-
-
-class _Budget:
-    """Seconds of searching left to one pattern set (or to one direct `Pattern.matches`)."""
-
-    def __init__(self) -> None:
-        self.left = MATCH_BUDGET_S
-
-
-def _search(p: Pattern, rx: Any, name: str, budget: _Budget) -> bool:
-    """`rx.search(name)`, bounded: at most HOLD_GIL_S with the GIL held, then with it released,
-    all within `budget`; a search that exhausts it is a PatternError naming `p` and its line."""
-    t0 = time.perf_counter()
-    try:
-        try:
-            return rx.search(name, timeout=max(0.0, min(HOLD_GIL_S, budget.left))) is not None
-        except TimeoutError:
-            left = budget.left - (time.perf_counter() - t0)
-            if left <= 0:
-                raise
-            return rx.search(name, timeout=left, concurrent=True) is not None
-    except TimeoutError:
-        budget.left = 0.0
-        shown = name if len(name) <= 80 else name[:77] + "..."
-        raise PatternError(
-            f"pattern {p.where()} took more than {MATCH_BUDGET_S:g} s to match the layer names "
-            f"(it was trying {shown!r}); a regular expression with nested repeats such as '(.*)*' "
-            "can take exponential time: simplify it, e.g. match whole names or segments"
-        ) from None
-    finally:
-        budget.left -= time.perf_counter() - t0
-
-
-def _expanded_size(items: Any) -> int:
-    """The size of a parsed `re` pattern with counted repeats expanded, the measure of what the
-    `regex` compiler may build ('(a{1000}){1000}' is 10**6; an unbounded repeat counts its
-    minimum, at least once)."""
-    total = 0
-    for op, av in items:
-        if op in _REPEATS:
-            lo, hi, sub = av
-            n = hi if hi != _sre_parse.MAXREPEAT else max(lo, 1)
-            total += max(n, 1) * _expanded_size(sub)
-        else:
-            total += 1 + sum(_expanded_size(x) for x in _subpatterns(av))
-        if total > MAX_REGEX_SIZE:
-            return total
-    return total
-
-
-def _subpatterns(av: Any) -> Iterable[Any]:
-    if isinstance(av, _sre_parse.SubPattern):
-        yield av
-    elif isinstance(av, (tuple, list)):
-        for x in av:
-            yield from _subpatterns(x)
-
-
-_REPEATS = {
-    getattr(_sre_parse, op)
-    for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
-    if hasattr(_sre_parse, op)
-}
-
-
-def _compile_regex(body: str, token: str, line: int) -> tuple[Any, int]:
-    """A user's regex, compiled with the `regex` engine after Python's own `re` parser checked
-    its syntax and its expanded size: -> (compiled, size). Any failure is a PatternError."""
-    def bad(why: str) -> PatternError:
-        return PatternError(f"pattern {token!r} (line {line}) is not a valid regular expression: {why}")
-
-    if len(body) > MAX_PATTERN_CHARS:
-        raise PatternError(
-            f"pattern {token[:60]!r}... (line {line}) is {len(body)} characters long; at most "
-            f"{MAX_PATTERN_CHARS}: split it into several patterns"
-        )
-    try:
-        with warnings.catch_warnings():
-            # e.g. "possible nested set": valid today; not worth a console line per load
-            warnings.simplefilter("ignore", FutureWarning)
-            size = _expanded_size(_sre_parse.parse(body))
-            if size > MAX_REGEX_SIZE:
-                raise PatternError(
-                    f"pattern {token!r} (line {line}): counted repeats make this regular expression too "
-                    f"large (over {MAX_REGEX_SIZE} elements once expanded); use '*' or '+', or smaller counts"
-                )
-            return _engine.compile(body), size
-    except re.error as e:
-        raise bad(str(e)) from None
-    except _engine.error as e:
-        raise bad(str(e)) from None
-    except (OverflowError, RecursionError, MemoryError, ValueError, TypeError) as e:  # 'x{4294967296}'
-        if isinstance(e, PatternError):
-            raise
-        raise bad(f"{type(e).__name__}: {e}") from None
 
 
 def _glob_to_regex(glob: str, text: str, line: int) -> str:
@@ -238,7 +131,7 @@ def _make_pattern(token: str, line: int, comment: str = "") -> Pattern:
         body = token[3:].strip()
         if not body:
             raise PatternError(f"pattern {token!r} (line {line}): empty regular expression after 're:'")
-        rx, size = _compile_regex(body, token, line)
+        rx, size = _rx.compile_regex(body, token, line)
         return Pattern(token, line, "regex", rx, comment, size)
     body = strip_prefix(token)
     if len(body) > MAX_PATTERN_CHARS:
@@ -264,8 +157,8 @@ def _make_pattern(token: str, line: int, comment: str = "") -> Pattern:
     kind = "glob" if _GLOB_CHARS.search(body) else "plain"
     rx_body = _glob_to_regex(body, token, line) if kind == "glob" else re.escape(body)
     try:
-        rx = _engine.compile(r"(?:^|\.)" + rx_body + r"(?:\.|$)")
-    except (re.error, _engine.error) as e:  # e.g. a bad range inside [...]
+        rx = _rx.engine.compile(r"(?:^|\.)" + rx_body + r"(?:\.|$)")
+    except (re.error, _rx.engine.error) as e:  # e.g. a bad range inside [...]
         raise PatternError(f"pattern {token!r} (line {line}) is not a valid glob: {e}") from None
     return Pattern(token, line, kind, rx, comment)
 
@@ -348,7 +241,7 @@ class PatternSet:
         # Runs longer than the longest plain pattern cannot match it. Without this bound a tensor
         # name with thousands of dots (names come from untrusted files) took minutes: O(n^3).
         self._plain_max = max((k.count(".") + 1 for k in self._plain), default=0)
-        self._budget = _Budget()
+        self._budget = _rx.Budget()
         self._scan_any = None
         scan = [self.patterns[i] for i in self._scan]
         if (
@@ -359,8 +252,8 @@ class PatternSet:
             # One combined regex rejects most names in a single C-level search. Only without
             # groups (combining would renumber backreferences) and small enough to compile fast.
             try:
-                self._scan_any = _engine.compile("|".join(f"(?:{p.regex.pattern})" for p in scan))
-            except _engine.error:
+                self._scan_any = _rx.engine.compile("|".join(f"(?:{p.regex.pattern})" for p in scan))
+            except _rx.engine.error:
                 self._scan_any = None
 
     def __len__(self) -> int:
@@ -387,7 +280,7 @@ class PatternSet:
 
     def _try(self, i: int, name: str) -> bool:
         p = self.patterns[i]
-        return _search(p, p.regex, name, self._budget)
+        return _rx.search(p.where(), p.regex, name, self._budget)
 
     def _prefilter(self, name: str) -> bool:
         """The combined regex; one that runs long is dropped (each pattern then runs alone, so an
@@ -395,7 +288,8 @@ class PatternSet:
         t0 = time.perf_counter()
         try:
             try:
-                return self._scan_any.search(name, timeout=min(HOLD_GIL_S, self._budget.left / 2)) is not None
+                hold = min(_rx.HOLD_GIL_S, self._budget.left / 2)
+                return self._scan_any.search(name, timeout=hold) is not None
             except TimeoutError:
                 left = self._budget.left / 2 - (time.perf_counter() - t0)
                 if left <= 0:

@@ -281,7 +281,7 @@ def test_regexes_over_the_limits_are_pattern_errors(routes, ignore):
 
 
 def test_backtracking_regex_is_a_pattern_error_not_a_hang(routes, models, monkeypatch):
-    from quant.selection import patterns
+    from quant.selection import regex_engine as patterns
 
     monkeypatch.setattr(patterns, "MATCH_BUDGET_S", 0.5)
     name = "a" * 60

@@ -212,7 +212,7 @@ def test_oversized_patterns_are_pattern_errors_naming_the_line(text, fragment):
 
 
 def test_too_many_regexes_is_a_pattern_error():
-    from quant.selection.patterns import MAX_REGEX_PATTERNS
+    from quant.selection.regex_engine import MAX_REGEX_PATTERNS
 
     text = "\n".join(f"re:^x{i}$" for i in range(MAX_REGEX_PATTERNS + 1))
     with pytest.raises(PatternError, match=rf"\(line {MAX_REGEX_PATTERNS + 1}\).*more than"):
@@ -225,7 +225,7 @@ def test_backtracking_pattern_stops_at_the_budget_naming_the_line(monkeypatch, h
     PatternError naming the pattern once the set's budget is spent; the process never hangs."""
     import threading
 
-    from quant.selection import patterns as P
+    from quant.selection import regex_engine as P
 
     monkeypatch.setattr(P, "MATCH_BUDGET_S", 0.5)
     names = ["a" * 60 + f".x{i}" for i in range(50)] + ["a" * 60 + ".x"]
