@@ -7,8 +7,13 @@ function, so the three agree on every file: planned alike, or refused with the s
 build a fresh ops class (nodes/ops.py); let ComfyUI build and load the model with
 `model_options["custom_operations"]`, so each layer is quantized as ComfyUI loads it.
 
+Every safetensors file is read with positioned reads, never memory-mapped (a file truncated
+mid-load is a CheckpointError, not SIGBUS), and every floating-point tensor read is checked for
+NaN/Inf where it is read.
+
 A failed load raises and leaves nothing behind: no module-level cache holds the partial model,
-the state dict is dropped, and the GPU cache is emptied.
+the file is closed, the exception's frames let go of the state dict and the half-built model
+(so they are freed at once, not at the next garbage collection), and the GPU cache is emptied.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import gc
 import logging
 import os
 import time
+import traceback
 
 import comfy.model_management
 import comfy.sd
@@ -24,7 +30,8 @@ import comfy.utils
 import torch
 
 from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header
-from ..quant.errors import CheckpointError
+from ..quant.checkpoint.reader import all_finite, non_finite_error
+from ..quant.errors import CheckpointError, HeaderTooLargeError, OnlineQuantError
 from ..quant.formats import FORMATS, get_format
 from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
@@ -62,6 +69,34 @@ def _release_pinned() -> None:
         empty()
 
 
+# Already-quantized files: tensors up to this size (scales, `comfy_quant` configs, biases) are read
+# at once into plain tensors, because ComfyUI reads some of them through `.numpy()`.
+_EAGER_BYTES = 1 << 20
+# A diffusion model's header is small (Wan 2.1 14B: ~150 KB for ~1,100 tensors); 8 MiB holds some
+# 50,000 entries (plan_checkpoint's limit). A 100 MB header took ~35 s and ~3 GB to be refused.
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+
+
+def _release_failed_load(exc: BaseException, readers: list) -> None:
+    """After a failed load: close the file and drop the frames' locals that the exception's
+    traceback keeps alive (the state dict, the half-built model), so both go now rather than at
+    the next garbage collection, which ComfyUI may not run for several prompts."""
+    for reader in readers:
+        reader.close()
+    readers.clear()
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # the running frame (ours) is skipped
+        e = e.__cause__ or e.__context__
+
+
+def _check_finite_state_dict(sd: dict, path: str) -> list[str]:
+    """NaN/Inf in a state dict ComfyUI read (files that are not safetensors): -> names."""
+    return [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not all_finite(v)]
+
+
 def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str, str, tuple]:
     """(backend, reason, (backend, why not) pairs) that the matmul registry picks for this format
     on this device."""
@@ -72,7 +107,25 @@ def _backend(format_name: str, device: torch.device, compute: str) -> tuple[str,
     return f"{c.name} ({c.compute})", c.reason, c.skipped
 
 
-def load_quantized(
+def load_quantized(*args, **kwargs):
+    """See `_load_quantized` (same arguments). A failed load closes the file and lets go of what
+    the exception's frames hold before the exception leaves."""
+    opened: list = []
+    try:
+        return _load_quantized(*args, _opened=opened, **kwargs)
+    except BaseException as e:
+        # A read error inside `param.copy_` reaches us as the RuntimeError text that
+        # `load_state_dict` makes of it: raise the reader's own error (CheckpointError, NaN/Inf).
+        first = next((r.error for r in opened if r.error is not None and r.error is not e), None)
+        _release_failed_load(e, opened)
+        _free()
+        if first is not None and isinstance(e, Exception):
+            _release_failed_load(first, [])
+            raise first from None
+        raise
+
+
+def _load_quantized(
     unet_path: str,
     quantization: str,
     ignore_text: str | None = None,
@@ -84,6 +137,8 @@ def load_quantized(
     quantize_device: torch.device | str | None = None,
     record_sqnr: bool | None = None,
     keep_sensitive: str | None = None,
+    allow_non_finite: bool = False,
+    _opened: list,
 ):
     """Load `unet_path` as a ComfyUI MODEL, quantizing its Linear layers. -> (ModelPatcher, LoadReport)
 
@@ -94,6 +149,8 @@ def load_quantized(
     keep_sensitive: also keep in bf16 the planned layers with the worst estimated weight SQNR
         ("worst 5%", "below 20 dB", "max 12 GB"; quant.quality.plan_with_sensitivity); the
         chosen layers are listed in the report as lines to paste into the ignored layers.
+    allow_non_finite: load tensors holding NaN/Inf instead of stopping (the report warns and names
+        them); the quantizer still refuses a non-finite weight it must quantize.
     """
     t0 = time.perf_counter()
     if compute_dtype not in COMPUTE_DTYPES:
@@ -110,7 +167,14 @@ def load_quantized(
         # Validate the header first: LFS pointers, HTML pages, truncated or malformed files get an
         # error naming the file and what it is, and the plan (or the refusal) is the preview's and
         # the CLI's, all before ComfyUI reads a byte of tensor data.
-        header = read_header(unet_path)
+        try:
+            header = read_header(unet_path, max_header_bytes=MAX_HEADER_BYTES)
+        except HeaderTooLargeError as e:
+            why = (
+                f"{e.reason}: a diffusion model's header is far smaller (Wan 2.1 14B: ~150 KB), so this "
+                "file holds hundreds of thousands of tensors; it is not a diffusion model file"
+            )
+            raise CheckpointError(f"{unet_path}: {why}", path=unet_path, reason=why) from None
         kind = classify_checkpoint(header)
         cp = plan_checkpoint(
             header.shapes(),
@@ -121,16 +185,31 @@ def load_quantized(
             kind=kind,
             file=unet_path,
         )
+    sd = None
     try:
-        if header is not None and not kind.prequantized:
+        if header is not None:
             # Tensors read with pread when each layer loads (lazy_state_dict): no mmap, so a
             # file truncated mid-load raises CheckpointError instead of SIGBUS killing ComfyUI,
             # and host RAM holds about one bf16 tensor beyond the (quantized) model.
-            sd, metadata = lazy_state_dict(unet_path, header), header.metadata
+            sd = lazy_state_dict(
+                unet_path,
+                header,
+                eager_bytes=_EAGER_BYTES if kind.prequantized else 0,
+                check_finite=not allow_non_finite,
+            )
+            _opened.append(sd.reader)
+            metadata = header.metadata
         else:
             sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
+    except OnlineQuantError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{unet_path}: cannot read the model file ({type(e).__name__}: {e})") from e
+    non_finite: list[str] = []
+    if not hasattr(sd, "reader"):  # not read by our reader: check what ComfyUI read
+        non_finite = _check_finite_state_dict(sd, unet_path)
+        if non_finite and not allow_non_finite:
+            raise non_finite_error(unet_path, non_finite[0], tuple(sd[non_finite[0]].shape))
     shapes = _shapes(sd)
     if cp is None:  # not a safetensors file: planned from the state dict ComfyUI read
         cp = plan_checkpoint(
@@ -169,19 +248,19 @@ def load_quantized(
         model_options["custom_operations"] = ops
         report.quantize_device = str(ops.load_state.quantize_device)
 
-    patcher = None
-    try:
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
-        if patcher is None:
-            raise CheckpointError(f"{unet_path}: ComfyUI does not recognise this file as a diffusion model")
-    except BaseException:
-        patcher = None
-        sd = None
-        ops = None
-        _free()
-        raise
-    finally:
-        sd = None
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
+    if patcher is None:
+        raise CheckpointError(f"{unet_path}: ComfyUI does not recognise this file as a diffusion model")
+    reader = getattr(sd, "reader", None)
+    sd = None
+    if reader is not None:
+        non_finite += reader.non_finite
+    if non_finite:
+        shown = ", ".join(repr(n) for n in non_finite[:5]) + (" ..." if len(non_finite) > 5 else "")
+        report.warnings.append(
+            f"non-finite values allowed: {len(non_finite)} tensor(s) hold NaN or Inf ({shown}); "
+            "the model may render black frames or noise"
+        )
 
     if ops is not None:
         state = ops.load_state

@@ -81,7 +81,9 @@ function render(node, state, data, status) {
     for (const n of data.notes || []) parts.push(el("div", { class: "oq-muted" }, n));
     for (const e of data.errors || []) parts.push(el("div", { class: "oq-err" }, e));
     const layers = data.decisions || [];
-    const details = el("details", {}, el("summary", {}, `Layers (${layers.length})`));
+    const total = data.layers?.total ?? layers.length;
+    const title = total > layers.length ? `Layers (first ${layers.length} of ${total})` : `Layers (${layers.length})`;
+    const details = el("details", {}, el("summary", {}, title));
     const box = el("div", { class: "oq-layers" });
     details.appendChild(box);
     details.addEventListener("toggle", () => {

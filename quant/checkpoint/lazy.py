@@ -3,11 +3,13 @@ uses them, so a model loads one layer at a time without a full bf16 copy in memo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 from typing import TYPE_CHECKING
 
+from ..errors import CheckpointError, NonFiniteWeightError
 from .header import (
     SafetensorsHeader,
     _fail,
@@ -17,17 +19,38 @@ from .header import (
 if TYPE_CHECKING:
     import torch
 
-from .reader import _open_regular, _read_entries, _read_into, _torch_shape, read_header, torch_dtype
+from .reader import (
+    _open_regular,
+    _read_entries,
+    _read_into,
+    _torch_shape,
+    all_finite,
+    non_finite_error,
+    read_header,
+    torch_dtype,
+)
 
 
 class _Reader:
     """One open file shared by the lazy tensors of a state dict; keeps the last tensor it read so
-    the several ops a quantizer runs on one weight read it once (memory: about one tensor)."""
+    the several ops a quantizer runs on one weight read it once (memory: about one tensor).
 
-    def __init__(self, path: str, header: SafetensorsHeader):
+    Every tensor read is checked for NaN/Inf (one reduction, where it is read): a non-finite one
+    raises NonFiniteWeightError naming it, or with `check_finite=False` is listed in `non_finite`.
+    `close()` lets go of the file at once (a failed load must not keep it open).
+
+    The first error a read raised stays in `error`, and later reads raise it again at once:
+    `nn.Module.load_state_dict` turns exceptions from `param.copy_` into one RuntimeError text
+    and goes on with the other tensors, so the caller re-raises `error` itself."""
+
+    def __init__(self, path: str, header: SafetensorsHeader, check_finite: bool = True):
         fd, st = _open_regular(path)
         self.f = os.fdopen(fd, "rb", buffering=0)
         self.path, self.header = path, header
+        self.check_finite = check_finite
+        self.non_finite: list[str] = []
+        self._checked: set[str] = set()
+        self.error: Exception | None = None
         if st.st_size != header.file_size:
             self.f.close()
             raise _fail(path, f"file changed size since its header was read ({header.file_size} -> "
@@ -36,13 +59,38 @@ class _Reader:
         self.last: tuple[str, object] | None = None
 
     def read(self, name: str):
-        with self.lock:
+        with self.lock, self._recording():
             if self.last is not None and self.last[0] == name:
                 return self.last[1]
             self.last = None  # drop the previous tensor before reading the next
-            t = next(_read_entries(self.f, self.path, self.header, [self.header.tensors[name]]))[1]
+            t = next(_read_entries(self._file(), self.path, self.header, [self.header.tensors[name]]))[1]
+            self._check(name, t)
             self.last = (name, t)
             return t
+
+    @contextlib.contextmanager
+    def _recording(self):
+        if self.error is not None:
+            raise self.error
+        try:
+            yield
+        except (CheckpointError, NonFiniteWeightError) as e:
+            self.error = e
+            raise
+
+    def _file(self):
+        if self.f is None:
+            raise _fail(self.path, "was closed after a failed load; load it again")
+        return self.f
+
+    def _check(self, name: str, t) -> None:
+        if name in self._checked:
+            return
+        if not all_finite(t):
+            if self.check_finite:
+                raise non_finite_error(self.path, name, t.shape)
+            self.non_finite.append(name)
+        self._checked.add(name)
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
         """Read tensor `name` straight into `dst`, a plain contiguous CPU tensor of its dtype and
@@ -50,13 +98,14 @@ class _Reader:
         destination instead of a read into a temporary and a copy."""
         import torch
 
-        with self.lock:
+        with self.lock, self._recording():
             if self.last is not None and self.last[0] == name:
                 dst.copy_(self.last[1])
                 return
             self.last = None
             e = self.header.tensors[name]
-            _read_into(self.f, self.path, self.header, e, dst.detach().reshape(-1).view(torch.uint8))
+            _read_into(self._file(), self.path, self.header, e, dst.detach().reshape(-1).view(torch.uint8))
+            self._check(name, dst)
 
     def take(self, name: str):
         """The tensor, owned by the caller from now on (the cache lets go of it)."""
@@ -66,28 +115,58 @@ class _Reader:
                 self.last = None
         return t
 
-    def __del__(self):
-        f = getattr(self, "f", None)
+    def close(self) -> None:
+        f, self.f, self.last = getattr(self, "f", None), None, None
         if f is not None:
             f.close()
 
+    __del__ = close
 
-def lazy_state_dict(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> dict:
+
+class LazyStateDict(dict):
+    """The dict `lazy_state_dict` returns; `.reader` is the file they read from (close it to let go
+    of the file before the tensors are gone; `.reader.non_finite` lists NaN/Inf tensors allowed)."""
+
+    reader: _Reader
+
+
+def lazy_state_dict(
+    path: str | os.PathLike,
+    header: SafetensorsHeader | None = None,
+    *,
+    eager_bytes: int = 0,
+    check_finite: bool = True,
+) -> LazyStateDict:
     """`{name: tensor}` for the whole file without reading any data: each value is a CPU tensor
     subclass with the right shape and dtype whose bytes are read (positioned reads, no mmap) when
     a torch op first uses it, e.g. `param.copy_(t)` in `load_state_dict` or a quantizer's first
     op. Memory stays at about one tensor beyond what the consumer keeps, and a file truncated
     meanwhile raises `CheckpointError` (through the op) instead of killing the process.
-    `.materialize()` returns the plain tensor. In-place ops on these tensors are refused."""
+    `.materialize()` returns the plain tensor. In-place ops on these tensors are refused.
+
+    Tensors of at most `eager_bytes` bytes are read now into plain tensors (positioned reads too):
+    for consumers that need real storage (`.numpy()`), e.g. ComfyUI on already-quantized files.
+    Every tensor read is checked for NaN/Inf (`check_finite`, see `_Reader`)."""
     p = os.fspath(path)
     hdr = header if header is not None else read_header(p)
-    reader = _Reader(p, hdr)
-    out = {}
-    for name, e in hdr.tensors.items():
-        dt = torch_dtype(e.dtype)
-        if dt is None:
+    shapes = {}
+    for name, e in hdr.tensors.items():  # every refusal before the file is opened
+        if torch_dtype(e.dtype) is None:
             raise _fail(p, f"tensor {_short(name)}: dtype {e.dtype} has no PyTorch equivalent here")
-        out[name] = _lazy_tensor_cls()(reader, name, _torch_shape(e, p), dt)
+        shapes[name] = _torch_shape(e, p)
+    reader = _Reader(p, hdr, check_finite)
+    out = LazyStateDict()
+    out.reader = reader
+    try:
+        cls = _lazy_tensor_cls()
+        for name, e in hdr.tensors.items():
+            if e.nbytes <= eager_bytes:
+                out[name] = reader.take(name)
+            else:
+                out[name] = cls(reader, name, shapes[name], torch_dtype(e.dtype))
+    except BaseException:
+        reader.close()
+        raise
     return out
 
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError, HeaderTooLargeError
+from ..errors import CheckpointError, HeaderTooLargeError, NonFiniteWeightError
 from .header import (
     _READ_CHUNK,
     _TORCH_DTYPES,
@@ -201,7 +201,19 @@ def torch_dtype(dtype: str) -> torch.dtype | None:
     return getattr(torch, attr, None) if attr else None
 
 
+_I64_MAX = 2**63 - 1
+
+
 def _torch_shape(entry: TensorEntry, path: str) -> tuple[int, ...]:
+    # The format allows any u64 dimension when another one is 0 (no data); PyTorch holds sizes and
+    # strides in int64 and fails deep in C++ on larger ones.
+    span = 1
+    for d in entry.shape:
+        span *= max(d, 1)
+    if span > _I64_MAX:
+        raise _fail(path, f"tensor {_short(entry.name)}: shape {list(entry.shape)} is too large for PyTorch "
+                    "(a dimension, or the product of the dimensions, is above 2^63-1) although it holds "
+                    f"{entry.nbytes} bytes: the file is damaged or was made to break readers")
     if entry.dtype != "F4":
         return entry.shape
     # Two E2M1 codes per byte: float4_e2m1fn_x2 with the last dimension halved (as safetensors.torch).
@@ -253,6 +265,41 @@ def _read_into(f, p: str, hdr: SafetensorsHeader, e: TensorEntry, dst: torch.Ten
             p, f"file ended while reading tensor {_short(e.name)} (got {got} of {e.nbytes} bytes): "
             "it was truncated or replaced while being read; get the file again"
         )
+
+
+_FLOAT8_NAN_BITS = {  # dtype attribute -> (mask, value): the bit patterns of NaN/Inf
+    "float8_e4m3fn": (0x7F, 0x7F),
+    "float8_e5m2": (0x7C, 0x7C),
+    "float8_e4m3fnuz": (0xFF, 0x80),
+    "float8_e5m2fnuz": (0xFF, 0x80),
+    "float8_e8m0fnu": (0xFF, 0xFF),
+}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf, in one reduction on its device: the sum of finite values
+    is finite (an overflowing sum is confirmed element-wise). Non-float tensors are finite."""
+    import torch
+
+    if t.numel() == 0:
+        return True
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+            return True
+        return bool(torch.isfinite(t).all())
+    for attr, (mask, value) in _FLOAT8_NAN_BITS.items():
+        if t.dtype == getattr(torch, attr, None):
+            return not bool(t.view(torch.uint8).bitwise_and(mask).eq(value).any())
+    return True
+
+
+def non_finite_error(p: str, name: str, shape) -> NonFiniteWeightError:
+    dims = "x".join(str(d) for d in shape)
+    return NonFiniteWeightError(
+        f"{p}: tensor {name!r} [{dims}] contains NaN or Inf values: the checkpoint is damaged (get the "
+        "file again); a model with such values renders black or noise. Allow non-finite values to "
+        "load it anyway"
+    )
 
 
 def _read_entries(f, p: str, hdr: SafetensorsHeader, wanted: list[TensorEntry]):

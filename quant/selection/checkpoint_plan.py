@@ -23,6 +23,9 @@ from .plan import QuantPlan, keep_all_plan
 from .user_text import plan_from_text
 
 NO_QUANTIZATION = "none"
+# The largest diffusion transformers have a few thousand tensors (Wan 2.1 14B: about 1,100); a
+# file with more is not one, and planning or loading it would take minutes and gigabytes first.
+MAX_TENSORS = 50_000
 
 
 @dataclass
@@ -53,6 +56,20 @@ def plan_checkpoint(
     header is known). Raises CheckpointError (naming `file`) for a file ComfyUI will not load,
     PatternError for a bad pattern (naming the user's line), ValueError for an unknown format."""
     names = list(shapes)
+    if len(names) > MAX_TENSORS:
+        why = (
+            f"{len(names)} tensors; a diffusion transformer has a few thousand at most (this "
+            f"loader takes up to {MAX_TENSORS}): not a diffusion model file, or a damaged one"
+        )
+        raise CheckpointError(f"{file}: {why}", path=file, reason=why)
+    for n in names:
+        if n.endswith(".bias") and n[: -len("bias")] + "weight" not in shapes:
+            short = n if len(n) <= 200 else n[:100] + "..." + n[-20:]
+            why = (
+                f"tensor {short!r} is a bias without its weight (no '.weight' tensor of that layer): "
+                "the file is incomplete or damaged; get it again"
+            )
+            raise CheckpointError(f"{file}: {why}", path=file, reason=why)
     if kind is not None and kind.prequantized and not kind.comfyui_loads:
         why = (
             f"already quantized ({kind.detail}; e.g. {', '.join(kind.examples)}); "

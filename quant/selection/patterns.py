@@ -37,16 +37,29 @@ write one ``*`` per segment (``layers.*.*.qkv``) or use ``re:``. Matching is cas
 Speed: plain patterns (no glob characters) are looked up in a dict keyed by every run of a
 name's segments, so 10,000 exact layer names cost O(layers); a glob is only tried on names
 that contain one of its literal segments; regexes are tried on every name.
+
+Bounded cost: the text comes from users and the names from untrusted files, and a backtracking
+regex such as ``^(.*?)*(.*?)*!`` can take hours on one name while Python's ``re`` holds the GIL
+(a worker thread does not keep the server answering). So globs and regexes run on the ``regex``
+package (the syntax of Python's ``re``) behind `_search`: a search holds the GIL for at most
+`HOLD_GIL_S`, then continues with the GIL released, and all the searches of one pattern set share
+a budget of `MATCH_BUDGET_S` seconds; over it, the pattern at fault is a PatternError naming its
+line. Compiling is bounded too: at most `MAX_PATTERN_CHARS` characters a pattern, at most
+`MAX_REGEX_PATTERNS` regexes, and counted repeats whose expansion (``(a{1000}){1000}``) would
+exhaust memory in the compiler are refused (quant/selection/regex_engine.py).
 """
 
 from __future__ import annotations
 
 import re
-import warnings
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import PatternError
+from . import regex_engine as _rx
+from .regex_engine import MAX_PATTERN_CHARS, MAX_REGEX_PATTERNS, MAX_REGEX_SIZE, MAX_REGEX_TOTAL_SIZE
 
 __all__ = ["Pattern", "PatternSet", "parse_patterns", "strip_prefix", "KNOWN_PREFIXES"]
 
@@ -54,6 +67,7 @@ __all__ = ["Pattern", "PatternSet", "parse_patterns", "strip_prefix", "KNOWN_PRE
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
 
 
 def strip_prefix(name: str) -> str:
@@ -71,11 +85,12 @@ class Pattern:
     text: str  # as written, stripped (``re:`` included)
     line: int  # 1-based line of the ignore text
     kind: str  # "plain", "glob" or "regex"
-    regex: re.Pattern = field(compare=False, repr=False)
+    regex: Any = field(compare=False, repr=False)  # a compiled pattern of the `regex` package
     comment: str = field(default="", compare=False)  # the line's trailing '# ...' text, if any
+    size: int = field(default=1, compare=False)  # expanded size (regexes), see MAX_REGEX_SIZE
 
     def matches(self, name: str) -> bool:
-        return self.regex.search(name) is not None
+        return _rx.search(self.where(), self.regex, name, _rx.Budget())
 
     def where(self) -> str:
         """``'attention.q' (line 3)`` — how messages name this pattern."""
@@ -116,17 +131,14 @@ def _make_pattern(token: str, line: int, comment: str = "") -> Pattern:
         body = token[3:].strip()
         if not body:
             raise PatternError(f"pattern {token!r} (line {line}): empty regular expression after 're:'")
-        try:
-            with warnings.catch_warnings():
-                # e.g. "possible nested set": valid today; not worth a console line per load
-                warnings.simplefilter("ignore", FutureWarning)
-                rx = re.compile(body)
-        except re.error as e:
-            raise PatternError(
-                f"pattern {token!r} (line {line}) is not a valid regular expression: {e}"
-            ) from e
-        return Pattern(token, line, "regex", rx, comment)
+        rx, size = _rx.compile_regex(body, token, line)
+        return Pattern(token, line, "regex", rx, comment, size)
     body = strip_prefix(token)
+    if len(body) > MAX_PATTERN_CHARS:
+        raise PatternError(
+            f"pattern {token[:60]!r}... (line {line}) is {len(body)} characters long; at most "
+            f"{MAX_PATTERN_CHARS} (layer names are far shorter)"
+        )
     if ":" in body:
         raise PatternError(
             f"pattern {token!r} (line {line}): layer names have no ':'; the only prefix is 're:' "
@@ -145,20 +157,22 @@ def _make_pattern(token: str, line: int, comment: str = "") -> Pattern:
     kind = "glob" if _GLOB_CHARS.search(body) else "plain"
     rx_body = _glob_to_regex(body, token, line) if kind == "glob" else re.escape(body)
     try:
-        rx = re.compile(r"(?:^|\.)" + rx_body + r"(?:\.|$)")
-    except re.error as e:  # e.g. a bad range inside [...]
-        raise PatternError(f"pattern {token!r} (line {line}) is not a valid glob: {e}") from e
+        rx = _rx.engine.compile(r"(?:^|\.)" + rx_body + r"(?:\.|$)")
+    except (re.error, _rx.engine.error) as e:  # e.g. a bad range inside [...]
+        raise PatternError(f"pattern {token!r} (line {line}) is not a valid glob: {e}") from None
     return Pattern(token, line, kind, rx, comment)
 
 
 def parse_patterns(text: str | None) -> list[Pattern]:
     """Parse the ignore text into patterns, in order. Duplicates are kept (each has its line).
 
-    Raises PatternError naming the pattern and its line for an invalid regex or glob.
+    Raises PatternError naming the pattern and its line for an invalid regex or glob, and for
+    regexes over the limits (MAX_PATTERN_CHARS, MAX_REGEX_PATTERNS, MAX_REGEX_TOTAL_SIZE).
     """
     patterns: list[Pattern] = []
     if not text:
         return patterns
+    n_regex = total_size = 0
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line, _, comment = raw.partition("#")
         line, comment = line.strip(), comment.strip()
@@ -171,8 +185,24 @@ def parse_patterns(text: str | None) -> list[Pattern]:
         else:
             tokens = [t.strip() for t in line.split(",")]
         for tok in tokens:
-            if tok:
-                patterns.append(_make_pattern(tok, lineno, comment))
+            if not tok:
+                continue
+            if tok.startswith("re:"):
+                n_regex += 1
+                if n_regex > MAX_REGEX_PATTERNS:
+                    raise PatternError(
+                        f"pattern {tok[:60]!r} (line {lineno}): more than {MAX_REGEX_PATTERNS} regular "
+                        "expressions; combine them, or list the layer names as plain patterns"
+                    )
+            p = _make_pattern(tok, lineno, comment)
+            if p.kind == "regex":
+                total_size += p.size
+                if total_size > MAX_REGEX_TOTAL_SIZE:
+                    raise PatternError(
+                        f"pattern {p.where()}: the regular expressions up to this line are too large "
+                        f"together (over {MAX_REGEX_TOTAL_SIZE} elements with counted repeats expanded)"
+                    )
+            patterns.append(p)
     return patterns
 
 
@@ -211,15 +241,19 @@ class PatternSet:
         # Runs longer than the longest plain pattern cannot match it. Without this bound a tensor
         # name with thousands of dots (names come from untrusted files) took minutes: O(n^3).
         self._plain_max = max((k.count(".") + 1 for k in self._plain), default=0)
+        self._budget = _rx.Budget()
         self._scan_any = None
-        if len(self._scan) > 8 and all(self.patterns[i].regex.groups == 0 for i in self._scan):
+        scan = [self.patterns[i] for i in self._scan]
+        if (
+            len(scan) > 8
+            and all(p.regex.groups == 0 for p in scan)
+            and sum(p.size for p in scan) <= MAX_REGEX_SIZE
+        ):
             # One combined regex rejects most names in a single C-level search. Only without
-            # groups: combining would renumber backreferences. Inline flags may not combine.
+            # groups (combining would renumber backreferences) and small enough to compile fast.
             try:
-                self._scan_any = re.compile(
-                    "|".join(f"(?:{self.patterns[i].regex.pattern})" for i in self._scan)
-                )
-            except re.error:
+                self._scan_any = _rx.engine.compile("|".join(f"(?:{p.regex.pattern})" for p in scan))
+            except _rx.engine.error:
                 self._scan_any = None
 
     def __len__(self) -> int:
@@ -236,13 +270,36 @@ class PatternSet:
         if self._glob_by_segment:
             for seg in set(segments):
                 for i in self._glob_by_segment.get(seg, ()):
-                    if self.patterns[i].regex.search(name):
+                    if self._try(i, name):
                         hits.add(i)
-        if self._scan and (self._scan_any is None or self._scan_any.search(name)):
+        if self._scan and (self._scan_any is None or self._prefilter(name)):
             for i in self._scan:
-                if self.patterns[i].regex.search(name):
+                if self._try(i, name):
                     hits.add(i)
         return sorted(hits)
+
+    def _try(self, i: int, name: str) -> bool:
+        p = self.patterns[i]
+        return _rx.search(p.where(), p.regex, name, self._budget)
+
+    def _prefilter(self, name: str) -> bool:
+        """The combined regex; one that runs long is dropped (each pattern then runs alone, so an
+        error names the pattern at fault) after at most half of the budget left."""
+        t0 = time.perf_counter()
+        try:
+            try:
+                hold = min(_rx.HOLD_GIL_S, self._budget.left / 2)
+                return self._scan_any.search(name, timeout=hold) is not None
+            except TimeoutError:
+                left = self._budget.left / 2 - (time.perf_counter() - t0)
+                if left <= 0:
+                    raise
+                return self._scan_any.search(name, timeout=left, concurrent=True) is not None
+        except TimeoutError:
+            self._scan_any = None
+            return True
+        finally:
+            self._budget.left -= time.perf_counter() - t0
 
     def first(self, name: str) -> Pattern | None:
         hits = self.match(name)

@@ -9,6 +9,7 @@ import builtins
 import gc
 import hashlib
 import os
+import re
 import weakref
 
 import helpers_models as hm
@@ -141,9 +142,11 @@ def test_failed_load_leaves_nothing_and_corrected_load_works(pack, loader, wan_f
         restore()
     gc.collect()
     assert all(r() is None for r in created), "a half-built model survived a failed load"
-    # same file with the bad layer ignored, and the good file with a fixed pattern: both load
-    mp, rep = loader.load_quantized(str(bad), "mxfp4", "blocks.0.self_attn.q")
+    # the same file with the bad layer allowed and kept loads (the report says so), and the good
+    # file with a fixed pattern loads
+    mp, rep = loader.load_quantized(str(bad), "mxfp4", "blocks.0.self_attn.q", allow_non_finite=True)
     assert "blocks.0.self_attn.q" in {r.name for r in rep.kept()}
+    assert any("non-finite values allowed" in w and "blocks.0.self_attn.q.weight" in w for w in rep.warnings)
     mp2, rep2 = loader.load_quantized(str(wan_file), "fp8_e4m3fn", "re:blocks\\.0\\.")
     assert rep2.quantized() and all(not r.name.startswith("blocks.0.") for r in rep2.quantized())
     out = hm.run_diffusion_model(mp2, hm.wan_inputs())
@@ -269,6 +272,62 @@ def test_file_truncated_during_load_is_an_error_not_a_crash(comfyui_path, wan_fi
     assert "CheckpointError" in msg or "file ended while reading" in msg, msg
 
 
+def _truncate_prequantized_during_load(comfy_path: str, repo: str, path: str, queue) -> None:
+    """Child process: load an already-quantized `path` (plain load through ComfyUI's own ops),
+    truncating it to half just before ComfyUI builds the model from the state dict."""
+    import sys
+
+    sys.path[:0] = [comfy_path, repo, os.path.join(repo, "tests", "support")]
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    from conftest import import_pack
+
+    pack = import_pack()
+    import helpers_models as hm_child
+
+    hm_child.import_submodules(pack, "nodes.loader")
+    loader = pack.nodes.loader
+    loader._EAGER_BYTES = 1024  # the tiny model's weights are read lazily, as a real model's are
+    orig = loader.comfy.sd.load_diffusion_model_state_dict
+
+    def truncating(*a, **k):
+        os.truncate(path, os.path.getsize(path) // 2)
+        return orig(*a, **k)
+
+    loader.comfy.sd.load_diffusion_model_state_dict = truncating
+    try:
+        _, rep = loader.load_quantized(path, "fp8_e4m3fn", None)
+        queue.put("loaded: " + " ".join(rep.notes))
+    except Exception as e:  # noqa: BLE001 - report what was raised
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+@pytest.mark.slow
+def test_prequantized_file_truncated_during_load_is_an_error_not_a_crash(comfyui_path, wan_file, tmp_path):
+    """Already-quantized files were memory-mapped by ComfyUI (SIGBUS on truncation): they are read
+    with positioned reads too."""
+    import multiprocessing as mp
+    import signal
+
+    def to_fp8(sd):
+        for k in list(sd):
+            if k.endswith(".weight") and sd[k].dim() == 2 and k.startswith("blocks."):
+                sd[k] = sd[k].to(torch.float8_e4m3fn)
+
+    p = _variant(wan_file, tmp_path / "wan_fp8_trunc.safetensors", to_fp8)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = ctx.Process(target=_truncate_prequantized_during_load, args=(str(comfyui_path), repo, p, q))
+    child.start()
+    child.join(300)
+    assert child.exitcode != -signal.SIGBUS, "the load was killed by SIGBUS (memory-mapped file truncated)"
+    assert child.exitcode == 0, f"child exited with {child.exitcode}"
+    msg = q.get(timeout=10)
+    assert msg.startswith("CheckpointError") and "file ended while reading" in msg, msg
+
+
 def test_out_of_memory_while_quantizing_names_layer_and_size_and_next_load_works(
     pack, loader, wan_file, monkeypatch
 ):
@@ -346,3 +405,135 @@ def test_memory_bench_checkpoint_is_a_valid_wan22_5b_file(comfyui_path, tmp_path
     assert h.tensors["blocks.0.ffn.0.weight"].shape == (14336, 3072)
     st = memory._status_kib()
     assert not os.path.exists("/proc/self/status") or st.get("VmRSS", 0) > 0
+
+
+# ---- non-finite values anywhere, not only in quantized weights -------------------------------
+
+
+@pytest.mark.parametrize(
+    "tensor,value,fmt,ignore",
+    [
+        ("blocks.0.self_attn.q.weight", float("-inf"), "fp8_e4m3fn", "blocks.0.self_attn.q"),  # kept
+        ("blocks.1.ffn.0.bias", float("nan"), "mxfp4", ""),  # the bias of a quantized layer
+        ("blocks.0.norm3.weight", float("inf"), "none", ""),  # not a Linear, plain load
+    ],
+    ids=["kept-weight", "quantized-bias", "norm-plain"],
+)
+def test_non_finite_tensor_anywhere_stops_the_load_naming_it(pack, loader, wan_file, tmp_path, tensor, value,
+                                                             fmt, ignore):
+    def edit(sd):
+        if tensor not in sd:
+            pytest.skip(f"{tensor} not in the tiny Wan")
+        sd[tensor] = sd[tensor].clone()
+        sd[tensor].view(-1)[0] = value
+
+    p = _variant(wan_file, tmp_path / "nonfinite.safetensors", edit)
+    with pytest.raises(_errors(pack).NonFiniteWeightError, match=re.escape(repr(tensor))) as ei:
+        loader.load_quantized(p, fmt, ignore)
+    assert "NaN or Inf" in str(ei.value)
+
+
+def test_prequantized_fp8_file_with_nan_stops_the_load(pack, loader, wan_file, tmp_path):
+    def to_fp8(sd):
+        for k in list(sd):
+            if k.endswith(".weight") and sd[k].dim() == 2 and k.startswith("blocks."):
+                sd[k] = sd[k].to(torch.float8_e4m3fn)
+        sd["blocks.1.ffn.2.weight"].view(torch.uint8).view(-1)[3] = 0x7F  # NaN in e4m3fn
+
+    p = _variant(wan_file, tmp_path / "wan_fp8_nan.safetensors", to_fp8)
+    with pytest.raises(_errors(pack).NonFiniteWeightError, match=r"blocks\.1\.ffn\.2\.weight"):
+        loader.load_quantized(p, "fp8_e4m3fn", None)
+
+
+# ---- bad shapes and orphan tensors are CheckpointErrors naming the tensor --------------------
+
+
+def _with_header_edit(src: str, dst, edit) -> str:
+    """Rewrite `src`'s JSON header with `edit(header_dict)` (data unchanged, offsets kept)."""
+    import json
+
+    with open(src, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    hdr = json.loads(raw[8 : 8 + n])
+    edit(hdr)
+    new = json.dumps(hdr).encode()
+    with open(dst, "wb") as f:
+        f.write(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+    return str(dst)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "none"])
+def test_empty_tensor_with_a_huge_dimension_is_a_checkpoint_error(pack, loader, wan_file, tmp_path, fmt):
+    def edit(hdr):
+        end = max(v["data_offsets"][1] for k, v in hdr.items() if k != "__metadata__")
+        hdr["extra.empty"] = {"dtype": "BF16", "shape": [0, 2**64 - 1], "data_offsets": [end, end]}
+
+    p = _with_header_edit(wan_file, tmp_path / "huge_dim.safetensors", edit)
+    with pytest.raises(_errors(pack).CheckpointError, match=r"extra\.empty.*too large for PyTorch"):
+        loader.load_quantized(p, fmt, "")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "mxfp4", "none"])
+def test_bias_without_its_weight_is_a_checkpoint_error(pack, loader, wan_file, tmp_path, fmt):
+    p = _variant(wan_file, tmp_path / "orphan.safetensors", lambda sd: sd.pop("blocks.0.self_attn.o.weight"))
+    match = r"blocks\.0\.self_attn\.o\.bias.*without its weight"
+    with pytest.raises(_errors(pack).CheckpointError, match=match):
+        loader.load_quantized(p, fmt, "")
+
+
+# ---- a failed load lets go of the file and the half-built model at once ------------------------
+
+
+def _fds_on(path) -> list[str]:
+    target = os.path.realpath(path)
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_failed_load_releases_the_file_and_model_without_a_gc(pack, loader, wan_file, tmp_path):
+    """The exception is kept (as ComfyUI keeps it for its error report) and no garbage collection
+    runs: the file must be closed and the half-built model gone all the same."""
+    m = hm.wan_model(seed=7)
+    with torch.no_grad():
+        m.blocks[1].ffn[2].weight[0, 0] = float("nan")  # a late layer: most of the model is built
+    bad = hm.save_model(m, tmp_path / "wan_late_nan.safetensors")
+    created, restore = _spy_online_linears(pack)
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            loader.load_quantized(str(bad), "fp8_e4m3fn", "")
+        except _errors(pack).NonFiniteWeightError as e:
+            kept = e  # noqa: F841 - held like ComfyUI holds the error it reports
+        else:
+            pytest.fail("the load did not fail")
+        assert _fds_on(bad) == [], "the checkpoint is still open after the failed load"
+        alive = [r for r in created if r() is not None]
+        assert created and alive == [], f"{len(alive)} layers of the half-built model are still alive"
+    finally:
+        gc.enable()
+        restore()
+
+
+# ---- implausible files are refused from the header -------------------------------------------
+
+
+def test_implausible_tensor_counts_are_refused_from_the_header(pack, loader, tmp_path):
+    from helpers_sparse import write_sparse_safetensors
+
+    many = write_sparse_safetensors(
+        tmp_path / "many.safetensors", {f"b.{i}.weight": (2, 2) for i in range(60_000)}
+    )
+    with pytest.raises(_errors(pack).CheckpointError, match=r"60000 tensors.*not a diffusion model"):
+        loader.load_quantized(str(many), "fp8_e4m3fn", "")
+    huge = write_sparse_safetensors(tmp_path / "huge.sft", {"a.weight": (4, 4)}, pad_header_to=9 * 2**20)
+    with pytest.raises(_errors(pack).CheckpointError, match=r"header.*not a diffusion model file"):
+        loader.load_quantized(str(huge), "fp8_e4m3fn", "")

@@ -37,7 +37,7 @@ def models(tmp_path_factory):
     (d / "garbage.safetensors").write_bytes(os.urandom(4096))
     (d / "empty.safetensors").write_bytes(b"")
     (d / "model.ckpt").write_bytes(b"not a safetensors file")
-    # header length 9 MiB (above the preview's 8 MiB cap), padded with whitespace
+    # header length 9 MiB (above the preview's cap), padded with whitespace
     write_sparse_safetensors(d / "huge_header.safetensors", {"a.weight": (4, 4)}, pad_header_to=9 * 2**20)
     outside = tmp_path_factory.mktemp("elsewhere")
     write_sparse_safetensors(outside / "linked.safetensors", reference_shapes("wan22_5b"))
@@ -267,3 +267,53 @@ def test_real_server_serves_the_route(comfy_server):
     assert body["family"] == "wan22_5b"
     status, raw = comfy_server.request("/api/onlinequant/plan?model=..%2Froute_check.safetensors")
     assert status == 404 and "error" in json.loads(raw)
+
+
+# ---- hostile patterns and big answers --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ignore", ["re:x{4294967296}", "re:(((a{1000}){1000}){1000}){1000}", "re:" + "a" * 2000]
+)
+def test_regexes_over_the_limits_are_pattern_errors(routes, ignore):
+    status, body = get(routes, model="sub/tiny.safetensors", ignore=ignore)
+    assert status == 400 and body["kind"] == "pattern" and "(line 1)" in body["error"], body
+
+
+def test_backtracking_regex_is_a_pattern_error_not_a_hang(routes, models, monkeypatch):
+    from quant.selection import regex_engine as patterns
+
+    monkeypatch.setattr(patterns, "MATCH_BUDGET_S", 0.5)
+    name = "a" * 60
+    write_sparse_safetensors(
+        models / "aaa.safetensors", {f"{name}.{i}.weight": (512, 256) for i in range(20)}
+    )
+    status, body = get(routes, model="aaa.safetensors", ignore="attention\nre:^(a|aa)+$")
+    assert status == 400 and body["kind"] == "pattern", body
+    assert "(line 2)" in body["error"] and "took more than" in body["error"], body
+
+
+def _many_linears(n: int) -> dict:
+    return {f"blocks.{i // 8}.ffn.{i % 8}.weight": (512, 256) for i in range(n)}
+
+
+def test_big_answers_are_paginated_and_say_so(routes, models):
+    write_sparse_safetensors(models / "many.safetensors", _many_linears(12_000))
+    status, body = get(routes, model="many.safetensors", ignore="")
+    assert status == 200, body
+    assert body["counts"]["layers"] == 12_000
+    assert len(body["decisions"]) == routes.MAX_LAYERS
+    assert body["layers"] == {"total": 12_000, "offset": 0, "returned": routes.MAX_LAYERS, "truncated": True}
+    status, page = get(routes, model="many.safetensors", ignore="", offset="11000", limit="2000")
+    assert status == 200 and page["layers"]["returned"] == 1000 and page["layers"]["offset"] == 11000
+    assert page["decisions"][0]["name"] == "blocks.1375.ffn.0"
+    status, small = get(routes, model="sub/tiny.safetensors")
+    assert status == 200 and small["layers"]["truncated"] is False
+    assert get(routes, model="many.safetensors", limit="999999")[0] == 400
+
+
+def test_preview_header_cap_is_near_real_headers(routes, models):
+    """A real Wan 14B header is ~150 KB; a 3 MiB one is refused (413) before it is parsed."""
+    write_sparse_safetensors(models / "pad3.safetensors", {"a.weight": (4, 4)}, pad_header_to=3 * 2**20)
+    status, body = get(routes, model="pad3.safetensors")
+    assert status == 413 and "cap" in body["error"], body

@@ -140,14 +140,15 @@ def test_ten_thousand_patterns_of_every_kind():
     names = [f"layers.{b}.{x}" for b in range(40) for x in ("attention.qkv", "ffn.w1", "ffn.w2")]
     plain = [f"layers.{i}.ffn" for i in range(3400)]
     globs = [f"layers.{i}.*.w2" for i in range(3300)]
-    regexes = [f"re:^layers\\.{i}\\.attention" for i in range(3300)]
+    globs += [f"blocks.{i}.*.w2" for i in range(2300)]
+    regexes = [f"re:^layers\\.{i}\\.attention" for i in range(1000)]  # MAX_REGEX_PATTERNS
     text = "\n".join(plain + globs + regexes)
     ps = PatternSet(parse_patterns(text))
     assert len(ps) == 10000
     hits = {n: ps.match(n) for n in names}
     # layers.5.ffn.w2 matches plain 'layers.5.ffn' (index 5) and glob 'layers.5.*.w2'.
     assert hits["layers.5.ffn.w2"] == [5, 3400 + 5]
-    assert hits["layers.7.attention.qkv"] == [6700 + 7]
+    assert hits["layers.7.attention.qkv"] == [9000 + 7]
     assert hits["layers.39.ffn.w1"] == [39]
     used = set().union(*hits.values())
     assert len(used) == 3 * 40
@@ -189,3 +190,58 @@ def test_index_agrees_with_brute_force(names, pats):
                 k = p.text.split(".")
                 whole = any(segs[j : j + len(k)] == k for j in range(len(segs)))
                 assert (i in ps.match(n)) == whole
+
+
+# ---- bounded cost: a pattern cannot freeze the process ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("ok\nre:x{4294967296}", "not a valid regular expression"),  # was a bare OverflowError
+        ("ok\nre:(((a{1000}){1000}){1000}){1000}", "too large"),  # the compiler would exhaust memory
+        ("ok\nre:" + "a" * 1001, "characters long"),
+        ("ok\n" + "a" * 1001, "characters long"),
+    ],
+    ids=["overflow", "expansion", "long-regex", "long-plain"],
+)
+def test_oversized_patterns_are_pattern_errors_naming_the_line(text, fragment):
+    with pytest.raises(PatternError, match=r"\(line 2\)") as e:
+        parse_patterns(text)
+    assert fragment in str(e.value)
+
+
+def test_too_many_regexes_is_a_pattern_error():
+    from quant.selection.regex_engine import MAX_REGEX_PATTERNS
+
+    text = "\n".join(f"re:^x{i}$" for i in range(MAX_REGEX_PATTERNS + 1))
+    with pytest.raises(PatternError, match=rf"\(line {MAX_REGEX_PATTERNS + 1}\).*more than"):
+        parse_patterns(text)
+
+
+@pytest.mark.parametrize("hostile", [r"re:^(a|aa)+$", r"re:^(?:a|aa)+x, with a comma"])
+def test_backtracking_pattern_stops_at_the_budget_naming_the_line(monkeypatch, hostile):
+    """Exponential backtracking (seconds per name here, hours on longer ones) ends as a
+    PatternError naming the pattern once the set's budget is spent; the process never hangs."""
+    import threading
+
+    from quant.selection import regex_engine as P
+
+    monkeypatch.setattr(P, "MATCH_BUDGET_S", 0.5)
+    names = ["a" * 60 + f".x{i}" for i in range(50)] + ["a" * 60 + ".x"]
+    ps = PatternSet(parse_patterns("attention\n" + hostile))
+    out: list = []
+
+    def run():
+        try:
+            out.append([ps.match(n) for n in names])
+        except PatternError as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)  # a hang guard, not a timing assertion
+    assert not t.is_alive(), "matching did not stop"
+    (err,) = out
+    assert isinstance(err, PatternError), err
+    assert f"{hostile!r} (line 2)" in str(err) and "took more than" in str(err)
