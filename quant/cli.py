@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1")
         d.add_argument("--min-out", type=int, default=256, help="keep layers with fewer output features")
         d.add_argument("--json", action="store_true", help="print the numbers as JSON at the end")
+        d.add_argument(
+            "--verbose", action="store_true", help="also the full-size plan and why each backend was chosen"
+        )
 
     demo = sub.add_parser("demo", help="the embedded default run (same as no arguments)")
     demo_args(demo)

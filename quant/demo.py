@@ -65,10 +65,9 @@ def run_demo(args: argparse.Namespace, out=print) -> dict:
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     if device.type == "cpu":
         where += f", {torch.get_num_threads()} threads"
-    out(
-        f"toy Z-Image: width 3840, ComfyUI NextDiT layer names, {args.layers} layer(s) + "
-        f"{args.refiners}+{args.refiners} refiners, random weights (seed {args.seed}), bf16 on {where}"
-    )
+    blocks = f"{args.layers} layer" + ("s" if args.layers != 1 else "")
+    blocks += f" and {args.refiners}+{args.refiners} refiner blocks" if args.refiners else ", no refiners"
+    out(f"toy Z-Image (width 3840, ComfyUI's layer names, {blocks}, random weights) in bf16 on {where}")
     t0 = time.perf_counter()
     model = build_toy_zimage(layers=args.layers, refiners=args.refiners, seed=args.seed).to(device)
     inputs = toy_inputs(
@@ -91,12 +90,10 @@ def run_demo(args: argparse.Namespace, out=print) -> dict:
         full_plan = build_plan(full, fmt_name, None, family="zimage", min_out_features=args.min_out)
         if i == 0:
             out("")
-            out(
-                f"plan for full-size Z-Image ({len(full)} Linear layers, shapes of the published configs), "
-                "default ignore list:"
-            )
-            out(_indent(full_plan.summary()))
-            out("")
+            if args.verbose:
+                out(f"plan for full-size Z-Image ({len(full)} Linear layers), default ignore list:")
+                out(_indent(full_plan.summary()))
+                out("")
             out(
                 f"toy model plan: quantize {len(plan.quantized())} of {len(plan.decisions)} Linear layers "
                 f"(same defaults: kept {', '.join(compact_names([d.name for d in plan.kept()]))})"
@@ -136,7 +133,9 @@ def run_demo(args: argparse.Namespace, out=print) -> dict:
         }
         results["formats"][fmt_name] = r
         out("")
-        out(f"{fmt_name}: backend {choice.name} ({choice.compute}: {choice.reason})")
+        out(f"{fmt_name}: backend {choice.name} ({choice.compute})")
+        if args.verbose:
+            out(f"  why: {choice.describe()}")
         out(
             f"  Linear weights, toy:       {format_bytes(r['bytes_before'])} -> "
             f"{format_bytes(r['bytes_after'])} "

@@ -178,8 +178,8 @@ def test_default_run_subprocess():
     )
     assert r.returncode == 0, r.stderr
     text = r.stdout
-    assert "plan for full-size Z-Image (208 Linear layers" in text
-    assert "quantize 170" in text
+    assert "Linear weights, full-size Z-Image (208 layers): 11.46 GiB -> 5.86 GiB" in text
+    assert "plan for full-size" not in text and "why:" not in text  # the long detail is behind --verbose
     res = json.loads(text[text.index("\n{") + 1 :])
     fp8, mx = res["formats"]["fp8_e4m3fn"], res["formats"]["mxfp4"]
     for r_ in (fp8, mx):
@@ -189,6 +189,13 @@ def test_default_run_subprocess():
     assert mx["bytes_after"] < fp8["bytes_after"]
     assert fp8["relative_l2"] < mx["relative_l2"] < 0.3
     assert fp8["relative_l2"] < 0.06
+
+
+def test_default_run_verbose_prints_the_plan_and_why(capsys):
+    rc, out, err = run_main(["--verbose", "--formats", "fp8_e4m3fn", "--latent", "4"], capsys)
+    assert rc == 0, err
+    assert "plan for full-size Z-Image (208 Linear layers)" in out and "quantize 170" in out
+    assert "  why: " in out
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "mxfp4"])
