@@ -118,7 +118,9 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         name = prefix[:-1] if prefix.endswith(".") else prefix
         weight_key = f"{prefix}weight"
         weight = state_dict.pop(weight_key, None)
-        state_dict.pop(f"{prefix}weight_scale", None)  # our own state_dict() extra (see below)
+        # a file written by the save node holds the scale beside the packed weight; the weight
+        # key carries both once the loader wrapped them (nodes/layouts.py)
+        state_dict.pop(f"{prefix}weight_scale", None)
         if weight is None:
             raise CheckpointError(f"layer {name!r}: the checkpoint has no {weight_key!r}")
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -214,14 +216,6 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             )
         )
         return qt
-
-    def state_dict(self, *args, destination=None, prefix="", **kwargs):
-        # ComfyUI measures a model with module_size() = sum of state_dict() nbytes; the packed
-        # weight reports its data bytes, its scale is added here so the total is what it holds.
-        sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
-        if is_online_quant(self.weight):
-            sd[f"{prefix}weight_scale"] = self.weight._params.scale
-        return sd
 
     def _apply(self, fn, recurse=True):
         # nn.Module._apply swaps `.data`, which a wrapper subclass does not support: rebuild the
