@@ -34,6 +34,7 @@ from ..quant.selection.plan import linears_from_shapes
 from ..quant.selection.user_text import plan_from_text
 from .ops import make_ops
 from .report import LayerRecord, LoadReport
+from .save import save_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ def load_quantized(
         sd = None
 
     if ops is not None:
+        save_dequantized(patcher.model)  # ModelSave/CheckpointSave write plain weights, not packed bytes
         state = ops.load_state
         if state.quantize_device is not None and state.quantize_device.type == "cuda":
             _release_pinned()
