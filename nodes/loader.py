@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import time
+import traceback
 
 import comfy.model_management
 import comfy.sd
@@ -33,6 +34,7 @@ from ..quant.models import detect_family
 from ..quant.selection.plan import linears_from_shapes
 from ..quant.selection.user_text import plan_from_text
 from .ops import make_ops
+from .progress import LoadProgress, linear_weight_bytes
 from .report import LayerRecord, LoadReport
 from .save import save_dequantized
 
@@ -174,22 +176,27 @@ def load_quantized(
         )
         model_options["custom_operations"] = ops
         report.quantize_device = str(ops.load_state.quantize_device)
+        ops.load_state.progress = LoadProgress(linear_weight_bytes(sd), name)
 
     patcher = None
     try:
         patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
         if patcher is None:
             raise CheckpointError(f"{unet_path}: ComfyUI does not recognise this file as a diffusion model")
-    except BaseException:
+    except BaseException as e:
         patcher = None
         sd = None
         ops = None
+        # the traceback's finished frames (ComfyUI's model construction, load_state_dict) still
+        # hold the partly loaded model; ComfyUI keeps the exception, so drop their locals now
+        traceback.clear_frames(e.__traceback__)
         _free()
         raise
     finally:
         sd = None
 
     if ops is not None:
+        ops.load_state.progress.finish()
         save_dequantized(patcher.model)  # ModelSave/CheckpointSave write plain weights, not packed bytes
         state = ops.load_state
         if state.quantize_device is not None and state.quantize_device.type == "cuda":

@@ -80,6 +80,7 @@ class LoadState:
     records: list[LayerRecord] = field(default_factory=list)
     quantize_seconds: float = 0.0
     seen: set[str] = field(default_factory=set)
+    progress: Any = None  # nodes.progress.LoadProgress, set by the loader
 
 
 class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
@@ -116,6 +117,9 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         name = prefix[:-1] if prefix.endswith(".") else prefix
+        state = self._oq_state
+        if state.progress is not None:
+            state.progress.check()  # Cancel stops the load here, before the next layer is read
         weight_key = f"{prefix}weight"
         weight = state_dict.pop(weight_key, None)
         # a file written by the save node holds the scale beside the packed weight; the weight
@@ -133,7 +137,6 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 f"layer {name!r}: weight dtype {weight.dtype} is not a floating-point type, so it does "
                 "not fit this model (an integer-quantized or damaged checkpoint?)"
             )
-        state = self._oq_state
         state.seen.add(name)
         target = self._target_device(weight)
         decision = state.plan.decision(name) if state.plan is not None else None
@@ -159,6 +162,8 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         )
         if weight_key in missing_keys:
             missing_keys.remove(weight_key)
+        if state.progress is not None:
+            state.progress.advance(before)
 
     def _target_device(self, weight: torch.Tensor) -> torch.device:
         if self.bias is not None and self.bias.device.type != "meta":
