@@ -122,8 +122,8 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             state.progress.check()  # Cancel stops the load here, before the next layer is read
         weight_key = f"{prefix}weight"
         weight = state_dict.pop(weight_key, None)
-        # a file written by the save node holds the scale beside the packed weight; the weight
-        # key carries both once the loader wrapped them (nodes/layouts.py)
+        # a packed weight carries its scale (nodes/layouts.py); a separate scale entry, as
+        # earlier state_dict()s of this Linear reported, is not a parameter of its own
         state_dict.pop(f"{prefix}weight_scale", None)
         if weight is None:
             raise CheckpointError(f"layer {name!r}: the checkpoint has no {weight_key!r}")
