@@ -1,10 +1,25 @@
 """The pack's weight formats as ComfyUI quantized-tensor layouts (comfy-kitchen `QuantizedTensor`).
 
-A quantized Linear weight is a `QuantizedTensor` whose `_qdata` / `_params` hold exactly what
-`quant.formats.QuantizedWeight` holds (packed data, scale, logical shape, format name). Being a
-registered layout gives it ComfyUI's own handling of `empty_like`+`copy_`, `.to(device)`,
-`.to(dtype)`, `clone`, pinning and `state_dict()`; every op without a handler here falls back to
-`dequantize()` (comfy-kitchen's rule), so LoRA math and odd ops stay correct.
+A quantized Linear weight is an `OnlineQuantTensor` (a comfy-kitchen `QuantizedTensor`) whose
+`_qdata` / `_params` hold exactly what `quant.formats.QuantizedWeight` holds (packed data, scale,
+logical shape, format name). Being a registered layout gives it ComfyUI's own handling of
+`empty_like`+`copy_`, `.to(device)`, `.to(dtype)`, `clone` and `state_dict()`; every op without a
+handler falls back to `dequantize()` (comfy-kitchen's rule), so LoRA math and odd ops stay correct.
+
+The subclass fixes what ComfyUI's weight patching (LoRA, hook LoRA, merges, backups) needs and
+comfy-kitchen 0.2.x does not give: the packed data and the scale behave as ONE value.
+- `.to(..., copy=True)` is a real copy of data and scale, also under `torch.inference_mode()`
+  (where the call arrives as `aten.to.*`, which comfy-kitchen answers with an alias);
+- `detach()` / `.data` alias the scale too (comfy-kitchen clones it), so `param.data.copy_(backup)`
+  (`comfy.utils.copy_to_param`) restores the scale of the live weight, not of a throw-away clone;
+- `copy_(src)` stores src's value in this tensor's format, in place: a packed src of the same
+  format is copied byte for byte, anything else (a plain float weight such as ModelPatcher's cached
+  hook weights, another format) is quantized;
+- `nbytes` counts data + scale, so ComfyUI's `module_size()` (sum of `state_dict()` nbytes) is what
+  the layer holds without a second state-dict key per layer (every key `state_dict()` reports must
+  be an attribute ModelPatcher can patch). ComfyUI pins only tensors named `Parameter` or
+  `QuantizedTensor` (one range `data_ptr()`..`nbytes`): ours are two allocations, so offloaded
+  packed weights are not pinned.
 
 Layouts are looked up by name, one per kind of packing; the format name (e.g. "fp8_e4m3fn" vs
 "fp8_e4m3fnuz") is a field of the params, so no `if format == ...` chain exists here:
@@ -15,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from comfy.quant_ops import QuantizedTensor, register_layout_class, register_layout_op
@@ -92,6 +108,115 @@ class OnlineQuantMXFP4Layout(_OnlineQuantLayout):
     NAME = MXFP4_LAYOUT
 
 
+class OnlineQuantTensor(QuantizedTensor):
+    """A `QuantizedTensor` of one of our layouts whose data and scale act as one value (see the
+    module docstring). Every tensor comfy-kitchen derives from it (`_copy_with`: to, clone,
+    empty_like, detach; torch.compile's unflatten) is again an `OnlineQuantTensor`."""
+
+    @property
+    def nbytes(self) -> int:
+        return self._qdata.nbytes + self._params.scale.nbytes
+
+    def _copy_with(self, qdata=None, params=None, clone_params=True) -> OnlineQuantTensor:
+        if params is None:
+            params = self._params.clone() if clone_params else self._params
+        return OnlineQuantTensor(qdata if qdata is not None else self._qdata, self._layout_cls, params)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
+        t = QuantizedTensor.__tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride)
+        return OnlineQuantTensor(t._qdata, t._layout_cls, t._params)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        handler = _OVERRIDES.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs or {})
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _named_args(func, args, kwargs) -> dict[str, Any]:
+    """An aten call's arguments by schema name (positional or keyword), defaults filled in."""
+    out = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
+def _to(func, args, kwargs):
+    """Every `aten.to` overload: honours `copy=True` (a new data AND scale), moves both tensors."""
+    a = _named_args(func, args, kwargs)
+    qt = a["self"]
+    device, dtype = a.get("device"), a.get("dtype")
+    if func is torch.ops.aten.to.other:
+        device, dtype = a["other"].device, a["other"].dtype
+    device = torch.device(device) if device is not None else qt._qdata.device
+    dtype = dtype if dtype is not None else qt._params.orig_dtype
+    moves = device != qt._qdata.device
+    if not moves and dtype == qt._params.orig_dtype and not a.get("copy", False):
+        return qt
+    if moves:
+        qdata, params = qt._qdata.to(device=device), qt._params.to_device(device)
+    elif a.get("copy", False):
+        qdata, params = qt._qdata.clone(), qt._params.clone()
+    else:  # a new logical dtype only: same packed bytes (comfy-kitchen's behaviour)
+        qdata, params = qt._qdata, qt._params.clone()
+    return qt._copy_with(
+        qdata=qdata, params=dataclasses.replace(params, orig_dtype=dtype), clone_params=False
+    )
+
+
+def _detach(func, args, kwargs):
+    qt = args[0]
+    if qt.is_inference():
+        return qt._copy_with(qdata=qt._qdata.detach(), clone_params=False)
+    # a weight made outside inference mode, detached inside it (state_dict() while sampling):
+    # autograd shares the input's version counter with the result, which an inference tensor
+    # does not have, so the alias is made as a normal tensor
+    with torch.inference_mode(False):
+        return qt._copy_with(qdata=qt._qdata.detach(), clone_params=False)
+
+
+def _copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
+    if not is_online_quant(dst):  # a plain tensor takes the dequantized value
+        return dst.copy_(src.dequantize() if isinstance(src, QuantizedTensor) else src, non_blocking)
+    if tuple(src.shape) != tuple(dst.shape):
+        raise RuntimeError(f"copy_: shape {tuple(src.shape)} into a quantized weight of {tuple(dst.shape)}")
+    p = dst._params
+    same = (
+        is_online_quant(src)
+        and src._params.format == p.format
+        and src._qdata.shape == dst._qdata.shape
+        and src._params.scale.shape == p.scale.shape
+    )
+    if same:
+        qdata, scale = src._qdata, src._params.scale
+    else:
+        value = src.dequantize() if isinstance(src, QuantizedTensor) else src
+        qw = get_format(p.format).quantize(value.to(device=dst._qdata.device))
+        qdata, scale, non_blocking = qw.qdata, qw.scale, False
+    dst._qdata.copy_(qdata, non_blocking=non_blocking)
+    p.scale.copy_(scale, non_blocking=non_blocking)
+    return dst
+
+
+_OVERRIDES = {
+    torch.ops.aten.to.dtype_layout: _to,
+    torch.ops.aten.to.dtype: _to,
+    torch.ops.aten.to.device: _to,
+    torch.ops.aten.to.other: _to,
+    torch.ops.aten.detach.default: _detach,
+    torch.ops.aten.copy_.default: _copy_,
+}
+
+
 LAYOUTS: dict[str, type[_OnlineQuantLayout]] = {
     FP8_CHANNEL_LAYOUT: OnlineQuantFP8ChannelLayout,
     MXFP4_LAYOUT: OnlineQuantMXFP4Layout,
@@ -109,13 +234,13 @@ def layout_for_format(format_name: str) -> str:
 
 def to_quantized_tensor(
     qw: QuantizedWeight, orig_dtype: torch.dtype, compute: str = "auto"
-) -> QuantizedTensor:
-    """Wrap a `QuantizedWeight` as a ComfyUI `QuantizedTensor` (no copy)."""
+) -> OnlineQuantTensor:
+    """Wrap a `QuantizedWeight` as an `OnlineQuantTensor` (no copy)."""
     register_layouts()
     params = OnlineQuantParams(
         scale=qw.scale, orig_dtype=orig_dtype, orig_shape=tuple(qw.shape), format=qw.format, compute=compute
     )
-    return QuantizedTensor(qw.qdata, layout_for_format(qw.format), params)
+    return OnlineQuantTensor(qw.qdata, layout_for_format(qw.format), params)
 
 
 def quantize_to_tensor(
@@ -142,7 +267,7 @@ def packed_nbytes(t: QuantizedTensor) -> int:
 
 def with_dtype(t: QuantizedTensor, dtype: torch.dtype) -> QuantizedTensor:
     """Same packed data, another logical (dequantized) dtype."""
-    return QuantizedTensor(t._qdata, t._layout_cls, dataclasses.replace(t._params, orig_dtype=dtype))
+    return OnlineQuantTensor(t._qdata, t._layout_cls, dataclasses.replace(t._params, orig_dtype=dtype))
 
 
 def _linear_handler(qt, args, kwargs):

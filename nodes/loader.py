@@ -37,7 +37,9 @@ from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
 from ..quant.selection.plan import format_bytes
 from .ops import make_ops
+from .progress import LoadProgress, linear_weight_bytes
 from .report import LayerRecord, LoadReport
+from .save import save_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +249,7 @@ def _load_quantized(
         )
         model_options["custom_operations"] = ops
         report.quantize_device = str(ops.load_state.quantize_device)
+        ops.load_state.progress = LoadProgress(linear_weight_bytes(sd), name)
 
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
     if patcher is None:
@@ -263,6 +266,8 @@ def _load_quantized(
         )
 
     if ops is not None:
+        ops.load_state.progress.finish()
+        save_dequantized(patcher.model)  # ModelSave/CheckpointSave write plain weights, not packed bytes
         state = ops.load_state
         if state.quantize_device is not None and state.quantize_device.type == "cuda":
             _release_pinned()

@@ -81,6 +81,7 @@ class LoadState:
     records: list[LayerRecord] = field(default_factory=list)
     quantize_seconds: float = 0.0
     seen: set[str] = field(default_factory=set)
+    progress: Any = None  # nodes.progress.LoadProgress, set by the loader
 
     def compute_for(self, decision: Any) -> str:
         """The layer's compute mode: the format's weight-only mode where the plan says
@@ -125,9 +126,14 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         name = prefix[:-1] if prefix.endswith(".") else prefix
+        state = self._oq_state
+        if state.progress is not None:
+            state.progress.check()  # Cancel stops the load here, before the next layer is read
         weight_key = f"{prefix}weight"
         weight = state_dict.pop(weight_key, None)
-        state_dict.pop(f"{prefix}weight_scale", None)  # our own state_dict() extra (see below)
+        # a packed weight carries its scale (nodes/layouts.py); a separate scale entry, as
+        # earlier state_dict()s of this Linear reported, is not a parameter of its own
+        state_dict.pop(f"{prefix}weight_scale", None)
         if weight is None:
             raise CheckpointError(f"layer {name!r}: the checkpoint has no {weight_key!r}")
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -140,7 +146,6 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 f"layer {name!r}: weight dtype {weight.dtype} is not a floating-point type, so it does "
                 "not fit this model (an integer-quantized or damaged checkpoint?)"
             )
-        state = self._oq_state
         state.seen.add(name)
         target = self._target_device(weight)
         decision = state.plan.decision(name) if state.plan is not None else None
@@ -168,6 +173,8 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         )
         if weight_key in missing_keys:
             missing_keys.remove(weight_key)
+        if state.progress is not None:
+            state.progress.advance(before)
 
     def _target_device(self, weight: torch.Tensor) -> torch.device:
         if self.bias is not None and self.bias.device.type != "meta":
@@ -226,14 +233,6 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             )
         )
         return qt
-
-    def state_dict(self, *args, destination=None, prefix="", **kwargs):
-        # ComfyUI measures a model with module_size() = sum of state_dict() nbytes; the packed
-        # weight reports its data bytes, its scale is added here so the total is what it holds.
-        sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
-        if is_online_quant(self.weight):
-            sd[f"{prefix}weight_scale"] = self.weight._params.scale
-        return sd
 
     def _apply(self, fn, recurse=True):
         # nn.Module._apply swaps `.data`, which a wrapper subclass does not support: rebuild the
