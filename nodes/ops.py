@@ -59,6 +59,8 @@ def _to_quantize_device(weight: torch.Tensor, qdev: torch.device) -> torch.Tenso
     temporary) and copied with `non_blocking=True`: the quantizer's kernels queue behind the copy
     on the same stream, and PyTorch's caching host allocator keeps the pinned block until the
     copy is done (same-shape layers reuse it). Anything else, or a pinning failure: `.to()`."""
+    if hasattr(weight, "_reader"):
+        weight._reader.checked_by_caller(weight._name)  # the quantizer checks NaN/Inf where it runs
     if qdev.type == "cuda" and hasattr(weight, "_reader") and weight.device.type == "cpu":
         try:
             host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)

@@ -83,6 +83,12 @@ class _Reader:
             raise _fail(self.path, "was closed after a failed load; load it again")
         return self.f
 
+    def checked_by_caller(self, name: str) -> None:
+        """Skip the NaN/Inf reduction for `name`: its reader checks the values itself (a weight bound
+        for the quantizer, which refuses non-finite values on the device it quantizes on), so the
+        host does not scan it a second time."""
+        self._checked.add(name)
+
     def _check(self, name: str, t) -> None:
         if name in self._checked:
             return

@@ -537,3 +537,26 @@ def test_implausible_tensor_counts_are_refused_from_the_header(pack, loader, tmp
     huge = write_sparse_safetensors(tmp_path / "huge.sft", {"a.weight": (4, 4)}, pad_header_to=9 * 2**20)
     with pytest.raises(_errors(pack).CheckpointError, match=r"header.*not a diffusion model file"):
         loader.load_quantized(str(huge), "fp8_e4m3fn", "")
+
+
+def test_weights_bound_for_the_quantizer_are_not_scanned_twice(pack, loader, wan_file, monkeypatch):
+    """The host scans a tensor for NaN/Inf once, where it is read; a weight the quantizer takes is
+    checked by the quantizer on its own device (above: its NaN still stops the load), not also here."""
+    import quant.checkpoint.lazy as lazy
+
+    scanned: list[str] = []
+    real = lazy.all_finite
+
+    def spy(t):
+        scanned.append(t.shape)
+        return real(t)
+
+    monkeypatch.setattr(lazy, "all_finite", spy)
+    _, rep = loader.load_quantized(str(wan_file), "fp8_e4m3fn", "")
+    quantized = rep.quantized()
+    assert quantized and len(scanned) > 0
+    shapes = [tuple(s) for s in scanned]
+    kept = [(k.out_features, k.in_features) for k in rep.kept()]
+    for r in quantized:  # no 2-D scan of a quantized weight's shape beyond the kept layers of that shape
+        shape = (r.out_features, r.in_features)
+        assert shapes.count(shape) <= kept.count(shape)
