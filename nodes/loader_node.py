@@ -8,6 +8,7 @@ from comfy_api.latest import io, ui
 from ..quant.selection.user_text import AUTO_IGNORE_TEXT
 from . import names
 from .loader import COMPUTE_DTYPES, load_quantized, quantization_choices
+from .reuse import load_or_reuse, plan_key
 
 
 def validate_loader_inputs(unet_name, quantization, ignored_layers, keep_sensitive) -> bool | str:
@@ -106,6 +107,7 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
                     ),
                 ),
             ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             outputs=[
                 io.Model.Output(tooltip="The quantized model, usable as any MODEL (LoRA, lowvram, compile)."),
                 io.String.Output(display_name="report", tooltip="Layers quantized/kept, bytes, backend."),
@@ -124,8 +126,22 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
         cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive="none"
     ):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        model, report = load_quantized(
-            path, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive=keep_sensitive
+        key = plan_key(path, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive)
+        hidden = cls.hidden
+        model, report, reused = load_or_reuse(
+            hidden.unique_id if hidden is not None else None,
+            key,
+            lambda: load_quantized(
+                path,
+                quantization,
+                ignored_layers,
+                min_out_features,
+                compute_dtype,
+                keep_sensitive=keep_sensitive,
+            ),
+            set(hidden.prompt) if hidden is not None and isinstance(hidden.prompt, dict) else None,
         )
         text = report.to_text()
+        if reused:
+            text += "\nnote: the same plan as the model already loaded: reused it, nothing was loaded again"
         return io.NodeOutput(model, text, ui=ui.PreviewText(text))

@@ -411,3 +411,24 @@ def test_queue_refuses_bad_inputs_before_the_run(server, field, value, expected)
     assert status == 400, body
     details = " ".join(e.get("details", "") for e in body["node_errors"]["1"]["errors"])
     assert expected in details, details
+
+
+def test_a_comment_only_edit_does_not_load_again(server):
+    """Editing only a comment of ignored_layers re-runs the loader node (its input changed), which
+    then finds the same plan and reuses the live model: no second load, the same latent."""
+    marker = "OnlineQuant wan_tiny.safetensors: mxfp4_ocp"
+    wf = _workflow("mxfp4_ocp", "sdpa", "oq_reuse_a")
+    first = _run(server, wf)
+    loads = server.log_text().count(marker)
+    assert loads >= 1
+    wf2 = _workflow("mxfp4_ocp", "sdpa", "oq_reuse_b")
+    wf2["1"]["inputs"]["ignored_layers"] = "# auto\n# only a comment changed\n"
+    second = _run(server, wf2)
+    assert server.log_text().count(marker) == loads  # not loaded again
+    assert "reused it, nothing was loaded again" in second["outputs"]["1"]["text"][0]
+    assert "reused" not in first["outputs"]["1"]["text"][0]
+    assert torch.equal(_latent(server, "oq_reuse_a"), _latent(server, "oq_reuse_b"))
+    wf3 = _workflow("mxfp4_ocp", "sdpa", "oq_reuse_c")
+    wf3["1"]["inputs"]["ignored_layers"] = "# auto\nblocks.0.ffn\n"  # a real change: loads again
+    _run(server, wf3)
+    assert server.log_text().count(marker) == loads + 1
