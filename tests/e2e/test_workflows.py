@@ -26,8 +26,8 @@ FILE_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras", "checkpoint
 EXPECTED = {
     "Z-Image Turbo FP8 text to image": ("fp8_e4m3fn", 1),
     "Z-Image Turbo MXFP4 text to image": ("mxfp4", 1),
-    "Wan 2.2 5B FP8 text to video with attention backend": ("fp8_e4m3fn", 1),
-    "Wan 2.2 A14B MXFP4 text to video (both experts)": ("mxfp4", 2),
+    "Wan 2.2 5B FP8 text to video": ("fp8_e4m3fn", 1),
+    "Wan 2.2 A14B MXFP4 text to video": ("mxfp4", 2),
 }
 
 

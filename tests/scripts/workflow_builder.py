@@ -421,12 +421,13 @@ WORKFLOWS = {
         "Z-Image Turbo in 4 steps, its Linear layers quantized to MXFP4 (4.25 bits) while the file loads.",
         lambda d: zimage("mxfp4", d),
     ),
-    "Wan 2.2 5B FP8 text to video with attention backend": (
+    "Wan 2.2 5B FP8 text to video": (
         "Wan 2.2 TI2V 5B quantized to FP8 on load, with the attention backend chosen for this model.",
         wan22_5b,
     ),
-    "Wan 2.2 A14B MXFP4 text to video (both experts)": (
-        "Wan 2.2 T2V A14B: the high- and low-noise experts each quantized to MXFP4 on load.",
+    "Wan 2.2 A14B MXFP4 text to video": (
+        "Wan 2.2 T2V A14B: the high- and low-noise experts each quantized to MXFP4 on load, each with "
+        "its attention backend.",
         wan22_14b_t2v,
     ),
 }
