@@ -14,6 +14,7 @@ class OnlineQuantAttention(io.ComfyNode):
         return io.Schema(
             node_id=names.ATTENTION,
             display_name=names.DISPLAY_NAMES[names.ATTENTION],
+            **names.search_alias_kwargs(io.Schema, names.ATTENTION),
             category=names.CATEGORY,
             description="Switches the attention implementation of one model (a clone; input unchanged).",
             inputs=[

@@ -296,6 +296,7 @@ class OnlineQuantCompare(io.ComfyNode):
         return io.Schema(
             node_id=names.COMPARE,
             display_name=names.DISPLAY_NAMES[names.COMPARE],
+            **names.search_alias_kwargs(io.Schema, names.COMPARE),
             category=names.CATEGORY,
             description=(
                 "Samples with the quantized and the reference model (same seed and settings) and reports "

@@ -1,4 +1,4 @@
-"""The "Load Diffusion Model (Online Quant)" node: a thin V3 wrapper around `load_quantized`."""
+"""The "Load Diffusion Model FP8/MXFP4 (Online Quant)" node: a thin V3 wrapper around `load_quantized`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
         return io.Schema(
             node_id=names.LOADER,
             display_name=names.DISPLAY_NAMES[names.LOADER],
+            **names.search_alias_kwargs(io.Schema, names.LOADER),
             category=names.CATEGORY,
             description=(
                 "Loads a bf16/fp16 diffusion model (Z-Image, Wan 2.1/2.2, or any model ComfyUI can load) "

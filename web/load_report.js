@@ -8,6 +8,18 @@ function first(v) {
   return Array.isArray(v) ? v[0] : v;
 }
 
+// The collapsed report's one line: the counts and the bytes (from the JSON form's lines, or the
+// "Linear layers:" / "Linear weights:" lines of the text form), else the text's first line.
+function summary(lines) {
+  const counted = lines.find((l) => / layers quantized, /.test(l));
+  if (counted) return counted;
+  const text = lines.join("\n");
+  const counts = /^Linear layers: (\d+ quantized, \d+ kept)/m.exec(text);
+  const bytes = /^Linear weights: (.+?) \(/m.exec(text);
+  if (counts) return `${counts[1]}${bytes ? ", " + bytes[1] : ""}`;
+  return text.split("\n")[0];
+}
+
 function reportLines(output) {
   let rep = first(output?.onlinequant_report);
   if (typeof rep === "string") {
@@ -43,10 +55,18 @@ app.registerExtension({
       const lines = reportLines(output);
       if (!lines.length) return;
       const { report } = ensurePanel(node);
-      report.replaceChildren(
-        el("div", { class: "oq-title" }, "Load report"),
-        el("div", { "data-testid": "oq-report" }, lines.join("\n"))
+      // Collapsed to its first line by default: the full report would grow the node over its
+      // neighbours after every run. Open, it scrolls inside a capped box.
+      const wasOpen = report.querySelector("details")?.open ?? false;
+      const details = el(
+        "details",
+        { "data-testid": "oq-report-details" },
+        el("summary", { "data-testid": "oq-report-summary" }, `Load report: ${summary(lines)}`),
+        el("div", { class: "oq-report-body", "data-testid": "oq-report" }, lines.join("\n"))
       );
+      details.open = wasOpen;
+      details.addEventListener("toggle", () => relayout(node));
+      report.replaceChildren(details);
       report.style.display = "";
       relayout(node);
     });

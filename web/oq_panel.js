@@ -22,10 +22,12 @@ const CSS = `
 .oq-panel ul { margin: 2px 0 2px 16px; padding: 0; }
 .oq-panel button { font-size: 11px; margin: 3px 0; cursor: pointer; }
 .oq-panel details { margin-top: 3px; }
-.oq-panel .oq-layers { max-height: 220px; overflow: auto; font-family: monospace; font-size: 11px; }
+.oq-panel .oq-layers { max-height: 200px; overflow: auto; font-family: monospace; font-size: 11px; }
 .oq-panel .oq-row.oq-q { color: #8fd18f; }
 .oq-panel .oq-row.oq-k { color: #c8c8c8; }
-.oq-panel .oq-report { border-top: 1px solid #555; margin-top: 4px; padding-top: 3px; white-space: pre-wrap; }
+.oq-panel .oq-report { border-top: 1px solid #555; margin-top: 4px; padding-top: 3px; }
+.oq-panel .oq-report summary { cursor: pointer; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.oq-panel .oq-report-body { max-height: 140px; overflow: auto; white-space: pre-wrap; }
 `;
 
 export function ensureStyle() {
@@ -72,7 +74,9 @@ export function findWidget(node, name) {
 
 const panels = new WeakMap();
 const MIN_PANEL_HEIGHT = 60;
-const MAX_PANEL_HEIGHT = 520;
+// The most the panel ever takes: with the layer list and the load report both open, the node stays
+// within the room the example workflows leave under a loader; past it the panel scrolls.
+export const MAX_PANEL_HEIGHT = 440;
 
 /**
  * The node's info panel, created on first use: a non-serialized DOM widget with two sections,
@@ -87,8 +91,13 @@ export function ensurePanel(node) {
   const root = el("div", { class: "oq-panel", "data-testid": "onlinequant-panel" }, preview, report);
   // Stop wheel events from zooming the canvas while the user scrolls the layer list.
   root.addEventListener("wheel", (e) => e.stopPropagation(), { passive: true });
-  // Height follows the content (the layer list scrolls inside its own box).
-  const contentHeight = () => Math.min(MAX_PANEL_HEIGHT, Math.max(MIN_PANEL_HEIGHT, root.scrollHeight + 4));
+  // Height follows the content (the layer list and the report scroll inside their own boxes).
+  // Measured from the sections, not root.scrollHeight: that never drops below the height the node
+  // currently gives the panel, so a collapsed list would keep its room.
+  const contentHeight = () => {
+    const h = preview.offsetHeight + (report.style.display === "none" ? 0 : report.offsetHeight + 4) + 12;
+    return Math.min(MAX_PANEL_HEIGHT, Math.max(MIN_PANEL_HEIGHT, h));
+  };
   const widget = node.addDOMWidget("onlinequant_info", "onlinequant_info", root, {
     serialize: false,
     hideOnZoom: false,
@@ -103,12 +112,22 @@ export function ensurePanel(node) {
 
 /** Ask the canvas to redraw/resize after panel content changed. */
 export function relayout(node) {
-  // After the browser laid out the new content: grow the node to fit it (never shrink what the
-  // user sized by hand).
+  // After the browser laid out the new content: grow the node to fit it, and when the content
+  // shrinks again (a list collapsed), give back only what was grown here, so that opening and
+  // closing a list leaves the node as it was and a size the user set by hand is kept.
   requestAnimationFrame(() => {
     try {
+      const p = panels.get(node);
       const min = node.computeSize?.();
-      if (min && node.size && node.size[1] < min[1]) node.setSize([node.size[0], min[1]]);
+      if (!min || !node.size) return;
+      if (node.size[1] < min[1]) {
+        if (p && p.grownFrom === undefined) p.grownFrom = node.size[1];
+        node.setSize([node.size[0], min[1]]);
+      } else if (p && p.grownFrom !== undefined && node.size[1] > min[1]) {
+        const h = Math.max(p.grownFrom, min[1]);
+        if (h === p.grownFrom) p.grownFrom = undefined;
+        node.setSize([node.size[0], h]);
+      }
       node.setDirtyCanvas?.(true, true);
     } catch {
       // layout is cosmetic: never break the editor over it

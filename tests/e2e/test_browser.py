@@ -2,9 +2,15 @@
 
 Debian's `chromium` driven headless by Playwright (`executable_path`, no browser download).
 Checks: the live plan preview on the loader node (pick a model file, type patterns, a bad regex,
-the "use defaults" button, the per-layer list), the load report after a real run of a tiny model,
-and that every example workflow loads with no missing-node dialog and passes the server's
-validation. Saves screenshots under test-artifacts/.
+the "use defaults" button, the per-layer list), the load report after a real run of a tiny model
+(collapsed to one line until opened), that every example workflow loads with no missing-node
+dialog and passes the server's validation, that no two nodes of an example workflow overlap with
+the loader panels opened all the way, node search by format and model names, and the template
+browser's titles and thumbnails. Saves screenshots under test-artifacts/.
+
+The example workflows' thumbnails are rendered here from the workflows themselves (into
+test-artifacts/thumbnails/); ONLINEQUANT_UPDATE_THUMBNAILS=1 also writes them next to the JSON
+files, where ComfyUI serves them to the template browser.
 
 Frontend: the one ComfyUI serves (its pinned comfyui-frontend-package), or the one in
 $ONLINEQUANT_FRONTEND_ROOT (passed as --front-end-root; e.g. a newer package's static/ folder).
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.parse
 from pathlib import Path
@@ -39,6 +46,9 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+LOADER_NAME = "Load Diffusion Model FP8/MXFP4 (Online Quant)"
+PACK_DIR = "ComfyUI-OnlineQuant"  # the folder name the server lists the templates under
+THUMB_SIZE = (400, 300)  # 4:3, the template cards' shape
 PREVIEW_MODEL = "oq_preview_zimage_bf16.safetensors"
 TINY_MODEL = "oq_tiny_wan.safetensors"
 
@@ -265,12 +275,29 @@ def test_load_report_after_a_real_run(page, srv):
     )
     page.locator("[data-testid=oq-counts]").wait_for(timeout=15_000)  # the preview is there first
     page.evaluate("app.queuePrompt(0, 1)")
+    summary = page.locator("[data-testid=oq-report-summary]")
+    summary.wait_for(timeout=120_000)
+    # collapsed by default: one line, the counts; the full report is not shown until opened
+    assert re.search(r"Load report: \d+ quantized, \d+ kept, .+ -> ", summary.inner_text())
     report = page.locator("[data-testid=oq-report]")
-    report.wait_for(timeout=120_000)
+    assert not report.is_visible()
+    page.wait_for_timeout(300)  # the node resizes on the next animation frame
+    collapsed_h = page.evaluate(
+        "app.graph._nodes.find(n => n.comfyClass === 'OnlineQuantDiffusionLoader').size[1]"
+    )
+    summary.click()
+    report.wait_for(timeout=5_000)
     text = report.inner_text()
     assert name in text and "fp8_e4m3fn" in text
     assert page.locator("[data-testid=oq-counts]").count() == 1  # the preview stays above the report
+    page.wait_for_timeout(300)
     page.screenshot(path=str(ARTIFACTS / f"loader_report_fe{page.frontend_version}.png"))
+    # closed again, the node gives back the room the open report took
+    summary.click()
+    page.wait_for_timeout(300)
+    assert page.evaluate(
+        "app.graph._nodes.find(n => n.comfyClass === 'OnlineQuantDiffusionLoader').size[1]"
+    ) == pytest.approx(collapsed_h, abs=2)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -301,7 +328,7 @@ def test_example_workflow_loads_and_validates(page, srv, path):
     assert set(result["types"]) == expected_types
     # accepted by the server's validation (it then fails fast on the empty placeholder files)
     assert result["status"] == 200 and result["body"].get("node_errors") == {}, result["body"]
-    page.screenshot(path=str(ARTIFACTS / f"workflow_{path.stem}.png"))
+    page.screenshot(path=str(ARTIFACTS / f"workflow_{path.stem}_fe{page.frontend_version}.png"))
     srv.post_json("/api/queue", {"clear": True})
     srv.post_json("/api/interrupt", {})
 
@@ -328,3 +355,229 @@ def test_preview_in_vue_nodes_mode(page, srv):
     finally:
         page.evaluate("app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
     assert not page.errors, page.errors
+
+
+# A load report as long as a real one (the loader's to_text(): a header, counts, one line per kept
+# layer, the backend, the five worst layers).
+FAKE_REPORT = "\n".join(
+    ["OnlineQuant: example.safetensors", "Linear layers: 240 quantized, 12 kept"]
+    + [f"kept blocks.{i}.attn.o: pattern 'attention' (line 2)" for i in range(30)]
+    + ["backend: torch._scaled_mm (fp8 tensor cores)", "worst layers: blocks.0.ffn.0 31.2 dB"]
+)
+
+# Every node's box in graph units (title bar included), and each loader panel's box on screen
+# next to its node's box on screen, after opening each loader's layer list and load report.
+MEASURE_JS = """async ([report]) => {
+    const frames = async (k) => {
+        for (let i = 0; i < k; i++) await new Promise(r => requestAnimationFrame(r));
+    };
+    const loaders = app.graph._nodes.filter(n => n.comfyClass === 'OnlineQuantDiffusionLoader');
+    for (const n of loaders) {
+        n.onExecuted?.({text: [report]});
+    }
+    await frames(2);
+    for (const d of document.querySelectorAll('[data-testid=onlinequant-panel] details')) d.open = true;
+    for (let i = 0; i < 6; i++) { await frames(2); app.canvas.draw(true, true); }
+    const titleH = LiteGraph.NODE_TITLE_HEIGHT;
+    const boxes = app.graph._nodes.map(n => ({
+        id: n.id, type: n.type, title: n.title,
+        box: [n.pos[0], n.pos[1] - titleH, n.size[0], n.size[1] + titleH],
+    }));
+    const c = app.canvas.canvas.getBoundingClientRect();
+    const ds = app.canvas.ds;
+    const panels = loaders.map(n => {
+        const mine = n.widgets.find(w => w.name === 'onlinequant_info').element;
+        const r = mine.getBoundingClientRect();
+        const [x0, y0] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1]]);
+        const [x1, y1] = ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        return {id: n.id, panel: [r.left, r.top, r.right, r.bottom],
+                node: [c.left + x0, c.top + y0, c.left + x1, c.top + y1],
+                layers: mine.querySelectorAll('.oq-row').length,
+                report: mine.querySelector('[data-testid=oq-report]')?.offsetHeight ?? 0};
+    });
+    return {boxes, panels};
+}"""
+
+# Show the graph rectangle `rect` (x, y, w, h in graph units; null: every node) inside the screen
+# rectangle `area`, centred; the canvas's own info text is hidden.
+FIT_JS = """([area, rect]) => {
+    const [x, y, w, h] = area;
+    const titleH = LiteGraph.NODE_TITLE_HEIGHT;
+    let [x0, y0, x1, y1] = rect ? [rect[0], rect[1], rect[0] + rect[2], rect[1] + rect[3]]
+                                : [Infinity, Infinity, -Infinity, -Infinity];
+    if (!rect) for (const n of app.graph._nodes) {
+        x0 = Math.min(x0, n.pos[0] - 10); y0 = Math.min(y0, n.pos[1] - titleH - 10);
+        x1 = Math.max(x1, n.pos[0] + n.size[0] + 10); y1 = Math.max(y1, n.pos[1] + n.size[1] + 10);
+    }
+    const scale = Math.min(w / (x1 - x0), h / (y1 - y0));
+    const c = app.canvas.canvas.getBoundingClientRect();
+    const ds = app.canvas.ds;
+    ds.scale = scale;
+    // screen = (graph + offset) * scale
+    ds.offset = [(x - c.left + (w - (x1 - x0) * scale) / 2) / scale - x0,
+                 (y - c.top + (h - (y1 - y0) * scale) / 2) / scale - y0];
+    app.canvas.show_info = false;
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+}"""
+# Screen areas clear of the editor's menus, tabs, toasts and minimap at a 1600x1000 viewport.
+LAYOUT_AREA = [64, 96, 1520, 880]
+THUMB_AREA = [64, 96, 1160, 870]  # 4:3
+# The part of a workflow a thumbnail shows: the loader column and its neighbours, readable.
+THUMB_RECT = [20, -10, 1280, 960]
+
+
+def overlaps(a, b) -> bool:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+
+
+def load_workflow(page, wf: dict) -> None:
+    for _ in range(2):
+        page.keyboard.press("Escape")
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", wf)
+    n = sum(1 for node in wf["nodes"] if node["type"] == "OnlineQuantDiffusionLoader")
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('[data-testid=oq-counts]').length === n", arg=n, timeout=30_000
+    )
+
+
+def render_thumbnail(page, name: str) -> Path:
+    """The workflow as it opens (panels closed): its loader corner at a readable scale, as a
+    small JPEG in the template cards' 4:3 shape."""
+    from PIL import Image
+
+    page.evaluate(FIT_JS, [THUMB_AREA, THUMB_RECT])
+    page.wait_for_timeout(400)  # DOM widgets follow the canvas on its next frames
+    out = ARTIFACTS / "thumbnails"
+    out.mkdir(exist_ok=True)
+    png = out / f"{name}.png"
+    page.screenshot(path=str(png), clip=dict(zip(("x", "y", "width", "height"), THUMB_AREA, strict=True)))
+    jpg = out / f"{name}.jpg"
+    Image.open(png).convert("RGB").resize(THUMB_SIZE, Image.LANCZOS).save(jpg, "JPEG", quality=80)
+    png.unlink()
+    return jpg
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_nodes_do_not_overlap(page, srv, path):
+    """Each example workflow, with every loader's layer list and a long load report open: no two
+    nodes overlap and each panel stays inside its own node (the node grew to hold it)."""
+    wf = json.loads(path.read_text())
+    load_workflow(page, wf)
+    thumb = render_thumbnail(page, path.stem)
+    if os.environ.get("ONLINEQUANT_UPDATE_THUMBNAILS"):
+        shutil.copyfile(thumb, path.with_suffix(".jpg"))
+    m = page.evaluate(MEASURE_JS, [FAKE_REPORT])
+    page.evaluate(FIT_JS, [LAYOUT_AREA, None])
+    page.wait_for_timeout(400)
+    heights = [b["box"][3] for b in m["boxes"] if b["type"] == "OnlineQuantDiffusionLoader"]
+    print(f"{path.stem}: loader boxes fully open {heights} px high")
+    page.screenshot(path=str(ARTIFACTS / f"layout_{path.stem}_fe{page.frontend_version}.png"))
+    for p in m["panels"]:
+        # the panel really is open all the way: its layer list drawn, its report shown
+        assert p["layers"] > 0 and p["report"] > 0, p
+        x0, y0, x1, y1 = p["panel"]
+        nx0, ny0, nx1, ny1 = p["node"]
+        assert nx0 - 2 <= x0 and x1 <= nx1 + 2 and ny0 - 2 <= y0 and y1 <= ny1 + 2, p
+    boxes = m["boxes"]
+    clashes = [
+        (a["title"], a["box"], b["title"], b["box"])
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+        if overlaps(a["box"], b["box"])
+    ]
+    assert clashes == [], clashes
+    assert not page.errors, page.errors
+
+
+def test_example_workflow_thumbnails_are_committed():
+    """Each example workflow has its small JPEG thumbnail next to it (as ComfyUI serves it)."""
+    from PIL import Image
+
+    for path in WORKFLOWS:
+        jpg = path.with_suffix(".jpg")
+        assert jpg.is_file(), f"{jpg.name} missing: run this file with ONLINEQUANT_UPDATE_THUMBNAILS=1"
+        assert jpg.stat().st_size < 100_000
+        with Image.open(jpg) as im:
+            assert im.format == "JPEG" and im.size == THUMB_SIZE
+
+
+def search_node(page, words: str) -> bool:
+    """Type `words` in the node search box (opened by a double click on the empty canvas); pick the
+    loader when it is listed. True when that added a loader node."""
+    page.evaluate("app.graph.clear()")
+    for _ in range(2):
+        page.keyboard.press("Escape")
+    box = page.locator("input:focus")
+    for _ in range(3):  # a double click the editor took for something else (a closing popup) is retried
+        page.locator("#graph-canvas").dblclick(position={"x": 700, "y": 500})
+        try:
+            box.wait_for(timeout=5_000)
+            break
+        except Exception:
+            page.keyboard.press("Escape")
+    else:
+        page.screenshot(path=str(ARTIFACTS / f"search_{words}_no_box_fe{page.frontend_version}.png"))
+        raise AssertionError("the node search box did not open")
+    page.keyboard.type(words)
+    option = page.locator("[role=option]").filter(has_text=LOADER_NAME)
+    try:
+        option.first.wait_for(timeout=5_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / f"search_{words}_fe{page.frontend_version}.png"))
+        page.keyboard.press("Escape")
+        return False
+    page.screenshot(path=str(ARTIFACTS / f"search_{words}_fe{page.frontend_version}.png"))
+    option.first.click()
+    page.wait_for_timeout(300)
+    return page.evaluate("app.graph._nodes.some(n => n.comfyClass === 'OnlineQuantDiffusionLoader')")
+
+
+def frontend_at_least(page, version: tuple[int, int]) -> bool:
+    try:
+        return tuple(int(x) for x in page.frontend_version.split(".")[:2]) >= version
+    except ValueError:
+        return False
+
+
+def test_node_search_finds_the_loader(page, srv):
+    # format names: in the display name, which every frontend searches
+    for words in ("fp8", "mxfp4"):
+        assert search_node(page, words), f"'{words}' did not list {LOADER_NAME}"
+    # model names and verbs: the search aliases, indexed by newer frontends (1.58 here)
+    if frontend_at_least(page, (1, 58)):
+        for words in ("quantize", "z-image", "wan"):
+            assert search_node(page, words), f"'{words}' did not list {LOADER_NAME}"
+    assert not page.errors, page.errors
+
+
+def test_template_browser_shows_titles_and_thumbnails(page, srv):
+    fetched = {}  # the thumbnails the dialog asked the server for, by file name
+
+    def on_response(r):
+        if f"/workflow_templates/{PACK_DIR}/" in r.url and r.url.endswith(".jpg"):
+            fetched[urllib.parse.unquote(r.url.rsplit("/", 1)[1])] = (r.status, r.headers.get("content-type"))
+
+    page.on("response", on_response)
+    page.keyboard.press("Escape")
+    page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    # the pack's category (named after its folder) in the dialog's navigation
+    page.get_by_text(PACK_DIR, exact=True).first.click(timeout=15_000)
+    names = [p.stem for p in WORKFLOWS]
+    for name in names:
+        page.get_by_text(name, exact=True).first.wait_for(timeout=15_000)
+    # the cards' images drawn from our thumbnails (a missing one falls back to the frontend's
+    # placeholder, of another size); the frontend shows them through blob: URLs
+    page.wait_for_function(
+        "([w, h, n]) => [...document.querySelectorAll('img')]"
+        ".filter(i => i.naturalWidth === w && i.naturalHeight === h).length >= n",
+        arg=[*THUMB_SIZE, len(names)],
+        timeout=15_000,
+    )
+    page.screenshot(path=str(ARTIFACTS / f"templates_fe{page.frontend_version}.png"))
+    page.remove_listener("response", on_response)
+    for name in names:
+        assert fetched.get(f"{name}.jpg") == (200, "image/jpeg"), (name, fetched)
+    page.keyboard.press("Escape")

@@ -132,7 +132,7 @@ def test_object_info_lists_nodes_and_inputs(server):
     info = server.get_json("/object_info")
     loader = info.get("OnlineQuantDiffusionLoader")
     assert loader, server.log_tail()
-    assert loader["display_name"] == "Load Diffusion Model (Online Quant)"
+    assert loader["display_name"] == "Load Diffusion Model FP8/MXFP4 (Online Quant)"
     assert loader["category"] == "OnlineQuant"
     req = loader["input"]["required"]
     assert set(req) == {

@@ -9,6 +9,7 @@ ComfyUI serves the workflows at /workflow_templates.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,10 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 PROBE = "oq_probe_file.safetensors"
 FILE_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras", "checkpoints")
 EXPECTED = {
-    "z_image_turbo_t2i_fp8": ("fp8_e4m3fn", 1),
-    "z_image_turbo_t2i_mxfp4": ("mxfp4", 1),
-    "wan2.2_ti2v_5B_fp8_attention": ("fp8_e4m3fn", 1),
-    "wan2.2_t2v_A14B_mxfp4_attention": ("mxfp4", 2),
+    "Z-Image Turbo FP8 text to image": ("fp8_e4m3fn", 1),
+    "Z-Image Turbo MXFP4 text to image": ("mxfp4", 1),
+    "Wan 2.2 5B FP8 text to video": ("fp8_e4m3fn", 1),
+    "Wan 2.2 A14B MXFP4 text to video": ("mxfp4", 2),
 }
 
 
@@ -191,7 +192,7 @@ def test_workflow_is_valid_for_this_comfyui(path, object_info):
 
 def test_checker_catches_broken_workflows(object_info):
     """The checker above must fail on the mistakes it claims to catch."""
-    wf = json.loads((WORKFLOW_DIR / "z_image_turbo_t2i_fp8.json").read_text())
+    wf = json.loads((WORKFLOW_DIR / "Z-Image Turbo FP8 text to image.json").read_text())
     by_type = {n["type"]: n for n in wf["nodes"]}
     by_type["KSampler"]["widgets_values"][4] = "no_such_sampler"
     by_type["EmptySD3LatentImage"]["widgets_values"][0] = 8  # below min 16
@@ -207,8 +208,15 @@ def test_comfyui_lists_and_serves_the_workflows(comfy_server):
     listed = comfy_server.get_json("/workflow_templates")
     assert sorted(listed.get("ComfyUI-OnlineQuant", [])) == sorted(EXPECTED)
     for name in EXPECTED:
-        served = comfy_server.get_json(f"/api/workflow_templates/ComfyUI-OnlineQuant/{name}.json")
+        # the file names are the template browser's titles (spaces included): quoted as the
+        # browser's fetch sends them
+        url = "/api/workflow_templates/ComfyUI-OnlineQuant/" + urllib.parse.quote(name)
+        served = comfy_server.get_json(url + ".json")
         assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+        # the thumbnail the browser asks for: <name>.jpg next to the JSON, a small JPEG
+        status, body = comfy_server.request(url + ".jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff", (name, status)
+        assert body == (WORKFLOW_DIR / f"{name}.jpg").read_bytes() and len(body) < 100_000
 
 
 def test_pack_loads_without_errors_in_the_log(comfy_server, object_info):

@@ -5,6 +5,15 @@ is one edit here and a rerun:  python3 tests/scripts/workflow_builder.py
 Sampler settings follow ComfyUI's own templates for these models (comfyui-workflow-templates);
 model file names are the Comfy-Org repackaged ones. tests/e2e/test_workflows.py checks the result
 against a real ComfyUI's /object_info.
+
+ComfyUI's template browser shows a custom node's example workflow by its file name (as title and
+as description) and `<name>.jpg` next to it as the thumbnail, so each file is named by a human
+title; its one-line description opens the workflow's note. The thumbnails are rendered from the
+workflows by tests/e2e/test_browser.py (ONLINEQUANT_UPDATE_THUMBNAILS=1 writes them here).
+
+Layout: nodes sit in columns with a gap, and a loader has room below it for its panel opened all
+the way (the per-layer list and the load report: nodes grow to LOADER_ROOM), so that nothing
+overlaps in the editor; the browser test checks the bounding boxes.
 """
 
 from __future__ import annotations
@@ -29,6 +38,16 @@ WAN_NEGATIVE = (
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+
+
+# Room a loader takes with its panel fully open: 672 px measured in the browser test, as
+# web/oq_panel.js caps the panel at 440 px.
+LOADER_ROOM = 720
+GAP = 40
+# Nodes in a column are placed one below the other with 20 px between their boxes; a stock node
+# here is 120 high (its `size`) under a 30 px title, so the next one starts 170 below it.
+# Column x positions: loaders (400 wide), small loaders/patches, prompts (400), samplers, outputs.
+COL = (40, 480, 860, 1300, 1660, 2100)
 
 
 def model_entry(name: str, repo: str, directory: str) -> dict:
@@ -172,8 +191,13 @@ def save_video(g: Graph, pos, prefix: str) -> dict:
     return g.node("SaveVideo", pos, [prefix, "auto", "auto"], inputs=[("video", "VIDEO")], size=(400, 440))
 
 
-def where_files_go(files: dict[str, list[str]], extra: str = "") -> str:
-    lines = ["Model files (Comfy-Org repackaged, bf16/fp16: the loader quantizes them as they load):", ""]
+def where_files_go(description: str, files: dict[str, list[str]], extra: str = "") -> str:
+    lines = [
+        description,
+        "",
+        "Model files (Comfy-Org repackaged, bf16/fp16: the loader quantizes them as they load):",
+        "",
+    ]
     for folder, names in files.items():
         for n in names:
             lines.append(f"ComfyUI/models/{folder}/{n}")
@@ -186,36 +210,38 @@ def where_files_go(files: dict[str, list[str]], extra: str = "") -> str:
     return "\n".join(lines)
 
 
-def zimage(fmt: str) -> dict:
+def zimage(fmt: str, description: str) -> dict:
     g = Graph()
     unet = "z_image_turbo_bf16.safetensors"
-    m = loader(g, (40, 40), unet, ZIMAGE_REPO, fmt)
-    clip = clip_loader(g, (40, 500), "qwen_3_4b.safetensors", "lumina2", ZIMAGE_REPO)
-    vae = vae_loader(g, (40, 660), "ae.safetensors", ZIMAGE_REPO)
-    ms = model_sampling(g, "ModelSamplingAuraFlow", (500, 40), 3)
+    m = loader(g, (COL[0], 40), unet, ZIMAGE_REPO, fmt)
+    clip = clip_loader(g, (COL[1], 40), "qwen_3_4b.safetensors", "lumina2", ZIMAGE_REPO)
+    vae = vae_loader(g, (COL[1], 210), "ae.safetensors", ZIMAGE_REPO)
+    ms = model_sampling(g, "ModelSamplingAuraFlow", (COL[1], 380), 3)
     pos = text_encode(
         g,
-        (500, 200),
+        (COL[2], 40),
         "A lighthouse on a rocky coast at golden hour, waves breaking, cinematic photo, sharp detail",
     )
     neg = g.node(
         "ConditioningZeroOut",
-        (500, 400),
+        (COL[2], 260),
         [],
         inputs=[("conditioning", "CONDITIONING")],
         outputs=[("CONDITIONING", "CONDITIONING")],
     )
-    lat = g.node("EmptySD3LatentImage", (500, 500), [1024, 1024, 1], outputs=[("LATENT", "LATENT")])
+    lat = g.node("EmptySD3LatentImage", (COL[2], 430), [1024, 1024, 1], outputs=[("LATENT", "LATENT")])
     ks = g.node(
         "KSampler",
-        (960, 40),
+        (COL[3], 40),
         [0, "randomize", 4, 1, "res_multistep", "simple", 1],
         inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 260),
     )
-    dec = vae_decode(g, (960, 340))
-    save = g.node("SaveImage", (1320, 40), [f"z-image-{fmt}"], inputs=[("images", "IMAGE")], size=(400, 440))
+    dec = vae_decode(g, (COL[3], 360))
+    save = g.node(
+        "SaveImage", (COL[4], 40), [f"z-image-{fmt}"], inputs=[("images", "IMAGE")], size=(400, 440)
+    )
     g.link(m, 0, ms, "model")
     g.link(ms, 0, ks, "model")
     g.link(clip, 0, pos, "clip")
@@ -228,8 +254,9 @@ def zimage(fmt: str) -> dict:
     g.link(dec, 0, save, "images")
     note(
         g,
-        (1320, 520),
+        (COL[2], 600),
         where_files_go(
+            description,
             {
                 "diffusion_models": [unet],
                 "text_encoders": ["qwen_3_4b.safetensors"],
@@ -242,24 +269,24 @@ def zimage(fmt: str) -> dict:
     return g.to_json()
 
 
-def wan22_5b() -> dict:
+def wan22_5b(description: str) -> dict:
     g = Graph()
     unet = "wan2.2_ti2v_5B_fp16.safetensors"
-    m = loader(g, (40, 40), unet, WAN22_REPO, "fp8_e4m3fn")
-    att = attention(g, (500, 40))
-    clip = clip_loader(g, (40, 500), "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", WAN21_REPO)
-    vae = vae_loader(g, (40, 660), "wan2.2_vae.safetensors", WAN22_REPO)
-    ms = model_sampling(g, "ModelSamplingSD3", (500, 140), 8)
+    m = loader(g, (COL[0], 40), unet, WAN22_REPO, "fp8_e4m3fn")
+    att = attention(g, (COL[1], 40))
+    ms = model_sampling(g, "ModelSamplingSD3", (COL[1], 150), 8)
+    clip = clip_loader(g, (COL[1], 320), "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", WAN21_REPO)
+    vae = vae_loader(g, (COL[1], 490), "wan2.2_vae.safetensors", WAN22_REPO)
     pos = text_encode(
         g,
-        (500, 260),
+        (COL[2], 40),
         "A street musician plays guitar in a retro subway station, commuters pass by, the camera slowly "
         "moves right, warm dim light, film grain",
     )
-    neg = text_encode(g, (500, 460), WAN_NEGATIVE)
+    neg = text_encode(g, (COL[2], 280), WAN_NEGATIVE)
     lat = g.node(
         "Wan22ImageToVideoLatent",
-        (500, 660),
+        (COL[2], 500),
         [1280, 704, 121, 1],
         inputs=[("vae", "VAE"), ("start_image", "IMAGE")],
         outputs=[("LATENT", "LATENT")],
@@ -267,15 +294,15 @@ def wan22_5b() -> dict:
     )
     ks = g.node(
         "KSampler",
-        (960, 40),
+        (COL[3], 40),
         [0, "randomize", 20, 5, "uni_pc", "simple", 1],
         inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 260),
     )
-    dec = vae_decode(g, (960, 340))
-    cv = create_video(g, (960, 440), 24)
-    save = save_video(g, (1320, 40), "video/wan22_5b_fp8")
+    dec = vae_decode(g, (COL[3], 360))
+    cv = create_video(g, (COL[3], 530), 24)
+    save = save_video(g, (COL[4], 40), "video/wan22_5b_fp8")
     g.link(m, 0, att, "model")
     g.link(att, 0, ms, "model")
     g.link(ms, 0, ks, "model")
@@ -291,8 +318,9 @@ def wan22_5b() -> dict:
     g.link(cv, 0, save, "video")
     note(
         g,
-        (1320, 520),
+        (COL[4], 560),
         where_files_go(
+            description,
             {
                 "diffusion_models": [unet],
                 "text_encoders": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors"],
@@ -306,29 +334,30 @@ def wan22_5b() -> dict:
     return g.to_json()
 
 
-def wan22_14b_t2v() -> dict:
+def wan22_14b_t2v(description: str) -> dict:
     g = Graph()
     high = "wan2.2_t2v_high_noise_14B_fp16.safetensors"
+    low_y = 40 + LOADER_ROOM + GAP  # the low-noise row starts below the high-noise loader's room
     low = "wan2.2_t2v_low_noise_14B_fp16.safetensors"
-    mh = loader(g, (40, 40), high, WAN22_REPO, "mxfp4", title="High-noise expert (MXFP4)")
-    ml = loader(g, (40, 500), low, WAN22_REPO, "mxfp4", title="Low-noise expert (MXFP4)")
-    ah = attention(g, (500, 40), title="Attention (high-noise)")
-    al = attention(g, (500, 500), title="Attention (low-noise)")
-    msh = model_sampling(g, "ModelSamplingSD3", (500, 140), 8)
-    msl = model_sampling(g, "ModelSamplingSD3", (500, 600), 8)
-    clip = clip_loader(g, (40, 960), "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", WAN21_REPO)
-    vae = vae_loader(g, (40, 1120), "wan_2.1_vae.safetensors", WAN22_REPO)
+    mh = loader(g, (COL[0], 40), high, WAN22_REPO, "mxfp4", title="High-noise expert (MXFP4)")
+    ml = loader(g, (COL[0], low_y), low, WAN22_REPO, "mxfp4", title="Low-noise expert (MXFP4)")
+    ah = attention(g, (COL[1], 40), title="Attention (high-noise)")
+    al = attention(g, (COL[1], low_y), title="Attention (low-noise)")
+    msh = model_sampling(g, "ModelSamplingSD3", (COL[1], 150), 8)
+    msl = model_sampling(g, "ModelSamplingSD3", (COL[1], low_y + 110), 8)
+    clip = clip_loader(g, (COL[1], 320), "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", WAN21_REPO)
+    vae = vae_loader(g, (COL[1], 490), "wan_2.1_vae.safetensors", WAN22_REPO)
     pos = text_encode(
         g,
-        (500, 960),
+        (COL[2], 40),
         "A red fox trots through fresh snow in a birch forest at dawn, breath visible, soft light, "
         "slow tracking shot",
     )
-    neg = text_encode(g, (500, 1160), WAN_NEGATIVE)
-    lat = g.node("EmptyHunyuanLatentVideo", (500, 1360), [640, 640, 81, 1], outputs=[("LATENT", "LATENT")])
+    neg = text_encode(g, (COL[2], 280), WAN_NEGATIVE)
+    lat = g.node("EmptyHunyuanLatentVideo", (COL[2], 500), [640, 640, 81, 1], outputs=[("LATENT", "LATENT")])
     ksh = g.node(
         "KSamplerAdvanced",
-        (960, 40),
+        (COL[3], 40),
         ["enable", 0, "randomize", 20, 3.5, "euler", "simple", 0, 10, "enable"],
         inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
@@ -337,16 +366,16 @@ def wan22_14b_t2v() -> dict:
     )
     ksl = g.node(
         "KSamplerAdvanced",
-        (960, 500),
+        (COL[3], low_y),
         ["disable", 0, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"],
         inputs=KSAMPLER_INPUTS,
         outputs=[("LATENT", "LATENT")],
         size=(320, 340),
         title="KSampler (low-noise, steps 10-20)",
     )
-    dec = vae_decode(g, (1320, 500))
-    cv = create_video(g, (1320, 600), 16)
-    save = save_video(g, (1680, 40), "video/wan22_14b_mxfp4")
+    dec = vae_decode(g, (COL[4], low_y))
+    cv = create_video(g, (COL[4], low_y + 170), 16)
+    save = save_video(g, (COL[4], 40), "video/wan22_14b_mxfp4")
     g.link(mh, 0, ah, "model")
     g.link(ml, 0, al, "model")
     g.link(ah, 0, msh, "model")
@@ -366,8 +395,9 @@ def wan22_14b_t2v() -> dict:
     g.link(cv, 0, save, "video")
     note(
         g,
-        (1680, 520),
+        (COL[2], low_y),
         where_files_go(
+            description,
             {
                 "diffusion_models": [high, low],
                 "text_encoders": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors"],
@@ -381,19 +411,33 @@ def wan22_14b_t2v() -> dict:
     return g.to_json()
 
 
+# File name (the template browser's title) -> (one-line description, builder).
 WORKFLOWS = {
-    "z_image_turbo_t2i_fp8": lambda: zimage("fp8_e4m3fn"),
-    "z_image_turbo_t2i_mxfp4": lambda: zimage("mxfp4"),
-    "wan2.2_ti2v_5B_fp8_attention": wan22_5b,
-    "wan2.2_t2v_A14B_mxfp4_attention": wan22_14b_t2v,
+    "Z-Image Turbo FP8 text to image": (
+        "Z-Image Turbo in 4 steps, its Linear layers quantized to FP8 while the bf16 file loads.",
+        lambda d: zimage("fp8_e4m3fn", d),
+    ),
+    "Z-Image Turbo MXFP4 text to image": (
+        "Z-Image Turbo in 4 steps, its Linear layers quantized to MXFP4 (4.25 bits) while the file loads.",
+        lambda d: zimage("mxfp4", d),
+    ),
+    "Wan 2.2 5B FP8 text to video": (
+        "Wan 2.2 TI2V 5B quantized to FP8 on load, with the attention backend chosen for this model.",
+        wan22_5b,
+    ),
+    "Wan 2.2 A14B MXFP4 text to video": (
+        "Wan 2.2 T2V A14B: the high- and low-noise experts each quantized to MXFP4 on load, each with "
+        "its attention backend.",
+        wan22_14b_t2v,
+    ),
 }
 
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for name, build in WORKFLOWS.items():
+    for name, (description, build) in WORKFLOWS.items():
         path = OUT / f"{name}.json"
-        path.write_text(json.dumps(build(), indent=2, ensure_ascii=False) + "\n")
+        path.write_text(json.dumps(build(description), indent=2, ensure_ascii=False) + "\n")
         print(path)
 
 
