@@ -22,7 +22,7 @@ import uuid
 import helpers_models as hm
 import pytest
 import torch
-from test_e2e_server import LORA_NAME, TEST_NODE, _latent, _run, _write_lora
+from test_e2e_server import LORA_NAME, _latent, _run, server_base
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -45,12 +45,9 @@ def _write_big_wan(path) -> None:
 
 @pytest.fixture(scope="module")
 def server(comfyui_path, tmp_path_factory):
-    from comfy_server import make_base_dir, start_comfy_server
+    from comfy_server import start_comfy_server
 
-    base = make_base_dir(tmp_path_factory.mktemp("oq_contract"))
-    (base / "custom_nodes" / "oq_test_conditioning.py").write_text(TEST_NODE)
-    hm.save_model(hm.wan_model(seed=11), base / "models" / "diffusion_models" / "wan_tiny.safetensors")
-    _write_lora(base / "models" / "loras" / LORA_NAME)
+    base = server_base(tmp_path_factory, "oq_contract")
     _write_big_wan(base / "models" / "diffusion_models" / BIG_NAME)
     srv = start_comfy_server(comfyui_path, base)
     try:

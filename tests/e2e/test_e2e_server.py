@@ -112,15 +112,22 @@ def _write_lora(path) -> None:
     save_file(sd, str(path))
 
 
-@pytest.fixture(scope="module")
-def server(comfyui_path, tmp_path_factory):
-    from comfy_server import make_base_dir, start_comfy_server
+def server_base(tmp_path_factory, name: str):
+    """A server's base folder with the test conditioning node, the tiny Wan and the test LoRA."""
+    from comfy_server import make_base_dir
 
-    base = make_base_dir(tmp_path_factory.mktemp("oq_e2e"))
+    base = make_base_dir(tmp_path_factory.mktemp(name))
     (base / "custom_nodes" / "oq_test_conditioning.py").write_text(TEST_NODE)
     hm.save_model(hm.wan_model(seed=11), base / "models" / "diffusion_models" / "wan_tiny.safetensors")
     _write_lora(base / "models" / "loras" / LORA_NAME)
-    srv = start_comfy_server(comfyui_path, base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, tmp_path_factory):
+    from comfy_server import start_comfy_server
+
+    srv = start_comfy_server(comfyui_path, server_base(tmp_path_factory, "oq_e2e"))
     try:
         yield srv
     finally:
