@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import routes
+from . import reuse, routes
 from .attention_node import OnlineQuantAttention
 from .compare import OnlineQuantCompare
 from .loader_node import OnlineQuantDiffusionLoader
@@ -19,9 +19,11 @@ def node_list() -> list[type[io.ComfyNode]]:
 
 
 def register_routes() -> None:
-    """The web preview route registers on ComfyUI's server when one runs (idempotent)."""
+    """The web preview route and the plan-reuse hook register on ComfyUI's server when one runs
+    (idempotent)."""
     try:
         routes.setup()
+        reuse.setup()
     except Exception as e:  # the nodes must still load when the server is absent (tests, scripts)
         log.warning("OnlineQuant: web routes not registered: %s", e)
 

@@ -5,7 +5,8 @@ included, and drops the node's previous output before it does; the load would th
 whole file again. Each loader node keeps its last model here: a run whose file (same path, size
 and modification time), format, compute dtype, sensitivity rule and resolved per-layer decisions
 are those of that model gets it back. When the plan changed, the node's entry is dropped BEFORE
-the new load, so a node never holds two models (no second copy of any model is kept alive).
+the new load, so a node never holds two models (no second copy of any model is kept alive), and a
+queued prompt without the node lets go of it (`on_prompt`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,29 @@ def load_or_reuse(
     return model, report, False
 
 
+def on_prompt(json_data: dict) -> dict:
+    """ComfyUI's on-prompt hook (every queued prompt): let go of the models kept for loader nodes
+    that the new workflow does not have, so a model is not held after its node was removed."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if isinstance(prompt, dict):
+        for gone in [n for n in _entries if n not in prompt]:
+            del _entries[gone]
+    return json_data
+
+
+def setup() -> bool:
+    """Register `on_prompt` on ComfyUI's server when one runs (once)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None or on_prompt in instance.on_prompt_handlers:
+        return False
+    instance.add_on_prompt_handler(on_prompt)
+    return True
+
+
 def forget(node_id: str | None = None) -> None:
     """Drop the kept model of one node (or of all): e.g. when ComfyUI frees its models."""
     if node_id is None:
@@ -83,4 +107,4 @@ def forget(node_id: str | None = None) -> None:
         _entries.pop(node_id, None)
 
 
-__all__ = ["forget", "load_or_reuse", "plan_key"]
+__all__ = ["forget", "load_or_reuse", "on_prompt", "plan_key", "setup"]
