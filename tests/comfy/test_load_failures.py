@@ -370,21 +370,9 @@ def test_weight_dtype_that_does_not_fit_names_the_layer(pack, loader, wan_file, 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 def test_checkpoint_is_not_held_open_after_the_load(pack, loader, wan_file):
     """The lazy state dict's file handle goes away with the load (a user can replace the file)."""
-    target = os.path.realpath(wan_file)
-
-    def open_on_target():
-        out = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == target:
-                    out.append(fd)
-            except OSError:
-                pass
-        return out
-
     mp, _ = loader.load_quantized(str(wan_file), "fp8_e4m3fn", "")
     gc.collect()
-    assert open_on_target() == []
+    assert _fds_on(wan_file) == []
     assert torch.isfinite(hm.run_diffusion_model(mp, hm.wan_inputs())).all()
 
 

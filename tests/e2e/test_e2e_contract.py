@@ -22,7 +22,7 @@ import uuid
 import helpers_models as hm
 import pytest
 import torch
-from test_e2e_server import LORA_NAME, _latent, _run, server_base
+from test_e2e_server import LORA_NAME, _latent, _run, _sample_and_save, server_base
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -83,25 +83,7 @@ def _hook_workflow(fmt: str, prefix: str, hooks_on: str) -> dict:
         },
         "4": {"class_type": "OQTestConditioning", "inputs": {"tokens": 8, "seed": 1}},
         "8": {"class_type": "OQTestConditioning", "inputs": {"tokens": 8, "seed": 2}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "seed": 3,
-                "steps": 3,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["4", 0],
-                "negative": ["8", 0],
-                "latent_image": ["3", 0],
-                "denoise": 1.0,
-            },
-        },
-        "6": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"},
-        },
+        **_sample_and_save(["1", 0], steps=3, prefix=prefix, cfg=2.0, negative=["8", 0]),
     }
     if hooks_on == "first":
         return wf

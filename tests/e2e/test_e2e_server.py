@@ -161,8 +161,11 @@ def test_object_info_lists_nodes_and_inputs(server):
     assert {"auto", "sdpa", "flash_attn_2", "comfy_default"} <= set(backends[1].get("options") or backends[0])
 
 
-def _sample_and_save(model: list, steps: int, prefix: str) -> dict:
-    """Nodes "5" (KSampler on latent "3" and conditioning "4") and "6" (SaveLatent) of a test prompt."""
+def _sample_and_save(
+    model: list, steps: int, prefix: str, cfg: float = 1.0, negative: list | None = None
+) -> dict:
+    """Nodes "5" (KSampler on latent "3", positive "4", negative `negative` or "4") and "6"
+    (SaveLatent) of a test prompt."""
     return {
         "5": {
             "class_type": "KSampler",
@@ -170,11 +173,11 @@ def _sample_and_save(model: list, steps: int, prefix: str) -> dict:
                 "model": model,
                 "seed": 3,
                 "steps": steps,
-                "cfg": 1.0,
+                "cfg": cfg,
                 "sampler_name": "euler",
                 "scheduler": "simple",
                 "positive": ["4", 0],
-                "negative": ["4", 0],
+                "negative": negative or ["4", 0],
                 "latent_image": ["3", 0],
                 "denoise": 1.0,
             },
