@@ -13,11 +13,10 @@ from .reuse import load_or_reuse, plan_key
 
 def validate_loader_inputs(unet_name, quantization, ignored_layers, keep_sensitive) -> bool | str:
     """True, or the message a user sees when the queue refuses the prompt."""
-    from ..quant.checkpoint import classify_checkpoint, read_header
     from ..quant.errors import OnlineQuantError
     from ..quant.quality import parse_sensitivity_rule
     from ..quant.selection.actions import parse_lines
-    from ..quant.selection.checkpoint_plan import plan_checkpoint
+    from ..quant.selection.checkpoint_plan import plan_file
 
     try:
         if isinstance(keep_sensitive, str) and keep_sensitive.strip().lower() not in ("", "none", "off"):
@@ -28,14 +27,8 @@ def validate_loader_inputs(unet_name, quantization, ignored_layers, keep_sensiti
             folder_paths.get_full_path("diffusion_models", unet_name) if isinstance(unet_name, str) else None
         )
         if path and path.lower().endswith((".safetensors", ".sft")) and isinstance(quantization, str):
-            header = read_header(path)
-            plan_checkpoint(
-                header.shapes(),
-                quantization,
-                ignored_layers if isinstance(ignored_layers, str) else None,
-                kind=classify_checkpoint(header),
-                file=unet_name,
-            )
+            text = ignored_layers if isinstance(ignored_layers, str) else None
+            plan_file(path, quantization, text, file=unet_name)
     except (OnlineQuantError, ValueError) as e:
         return str(e)
     return True

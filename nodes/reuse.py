@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..quant.checkpoint import classify_checkpoint, read_header
-from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
+from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_file
 
 _entries: dict[str, tuple[tuple, object, object]] = {}  # node id -> (key, model, report)
 
@@ -32,15 +31,7 @@ def plan_key(
     if not path.lower().endswith((".safetensors", ".sft")):
         return None
     st = os.stat(path)
-    header = read_header(path)
-    cp = plan_checkpoint(
-        header.shapes(),
-        quantization,
-        ignore_text,
-        min_out_features=min_out_features,
-        kind=classify_checkpoint(header),
-        file=path,
-    )
+    cp = plan_file(path, quantization, ignore_text, min_out_features=min_out_features)
     decisions = tuple((d.name, d.quantize, d.precision) for d in cp.plan.decisions)
     fmt = quantization if cp.quantize else NO_QUANTIZATION
     return (

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..checkpoint import CheckpointKind
+from ..checkpoint import CheckpointKind, classify_checkpoint, read_header
 from ..errors import CheckpointError
 from ..models import default_rules, describe_model, detect_family, get_family, unloadable_layout
 from .layers import linears_from_shapes
@@ -111,4 +111,20 @@ def plan_checkpoint(
     )
 
 
-__all__ = ["NO_QUANTIZATION", "CheckpointPlan", "plan_checkpoint"]
+def plan_file(
+    path: str, format: str, ignore_text: str | None, *, min_out_features: int = 256, file: str | None = None
+) -> CheckpointPlan:
+    """`plan_checkpoint` for a safetensors file on disk, from its header alone (`file`: the name
+    messages give it, default the path)."""
+    header = read_header(path)
+    return plan_checkpoint(
+        header.shapes(),
+        format,
+        ignore_text,
+        min_out_features=min_out_features,
+        kind=classify_checkpoint(header),
+        file=file or path,
+    )
+
+
+__all__ = ["NO_QUANTIZATION", "CheckpointPlan", "plan_checkpoint", "plan_file"]
