@@ -101,13 +101,15 @@ def _w4a16(x, codes, scales, bias, out_dtype, config, dot_scaled: bool) -> torch
     reference fallback, their operands and their launch; only the kernel and one constexpr differ."""
     _check(x, codes, scales)
     out_dtype = out_dtype or x.dtype
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        # the kernels take 16-bit activations; the fallback rounds fp32 the same way, so both
+        # paths give one result whether or not Triton runs here
+        x = x.to(torch.bfloat16)
     if not can_run_triton(x.device):
         return mxfp4_linear_w4a16_reference(x, codes, scales, bias, out_dtype)
     from ._tl_mxfp4_gemm import mxfp4_w4a16_dot_scaled_kernel, mxfp4_w4a16_kernel
 
     x2 = flat_rows(x)
-    if x2.dtype not in (torch.bfloat16, torch.float16):
-        x2 = x2.to(torch.bfloat16)
     out = torch.empty((x2.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
     if dot_scaled:
         kernel = mxfp4_w4a16_dot_scaled_kernel

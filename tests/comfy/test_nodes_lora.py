@@ -51,12 +51,12 @@ def _get(model, key):
 
 
 def _snapshot(patcher):
-    """(qdata, scale) clones of every quantized weight."""
+    """(qdata, scale) copies of every quantized weight, on the CPU (the model may sit on a GPU)."""
     out = {}
     for name, m in patcher.model.diffusion_model.named_modules():
         w = getattr(m, "weight", None)
         if hasattr(w, "_qdata"):
-            out[name] = (w._qdata.clone(), w._params.scale.clone())
+            out[name] = (w._qdata.cpu().clone(), w._params.scale.cpu().clone())
     return out
 
 
@@ -153,7 +153,7 @@ def test_lora_on_fused_zimage_qkv(mods, comfyui_path, tmp_path):
     w = comfy.utils.get_attr(ml.model, key)
     base = before["layers.0.attention.qkv"]
     # every third of the fused weight changed (q, k and v each got their slice)
-    changed = (w._qdata.view(torch.uint8) != base[0].view(torch.uint8)).float().mean(dim=1)
+    changed = (w._qdata.cpu().view(torch.uint8) != base[0].view(torch.uint8)).float().mean(dim=1)
     assert all(changed[i * d : (i + 1) * d].mean() > 0.5 for i in range(3))
     assert hm.rel_err(y0, y1) > 0.01
     comfy.model_management.unload_all_models()
