@@ -122,6 +122,12 @@ class OnlineQuantTensor(QuantizedTensor):
             params = self._params.clone() if clone_params else self._params
         return OnlineQuantTensor(qdata if qdata is not None else self._qdata, self._layout_cls, params)
 
+    def _stable_hash_for_caching(self) -> str:
+        # what the traced graph depends on besides the inner tensors' shapes/dtypes (AOTAutograd's
+        # cache key for tensor subclasses): the packing, the format and the compute mode
+        p = self._params
+        return f"{self._layout_cls}:{p.format}:{p.compute}:{p.orig_dtype}:{tuple(p.orig_shape)}"
+
     @staticmethod
     def __tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride):
         t = QuantizedTensor.__tensor_unflatten__(inner_tensors, ctx, outer_size, outer_stride)

@@ -275,6 +275,12 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
 
     # ---- forward ---------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Dynamo before torch 2.13 cannot trace the layout's params object (`_params`), so a
+            # compiled forward never reads it: F.linear reaches the same quantized matmul through
+            # the layout's aten.linear handler, which runs below Dynamo (in AOTAutograd's tracing
+            # of the tensor subclass), where it emits plain PyTorch ops Inductor can fuse.
+            return torch.nn.functional.linear(x, weight, bias)
         if is_online_quant(weight):
             return quantized_linear(x, as_quantized_weight(weight), bias, compute=weight._params.compute)
         return torch.nn.functional.linear(x, weight, bias)
@@ -292,7 +298,8 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             self.comfy_cast_weights
             or len(self.weight_function) > 0
             or len(self.bias_function) > 0
-            or not is_online_quant(w)
+            or self._oq_format is None
+            or not isinstance(w, QuantizedTensor)
         ):
             # kept layers always take ComfyUI's cast path: a no-op when dtype and device match
             return self.forward_comfy_cast_weights(input)
@@ -301,7 +308,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         bias = self.bias
         if bias is not None and (bias.device != input.device or bias.dtype != input.dtype):
             bias = bias.to(device=input.device, dtype=input.dtype)
-        return quantized_linear(input, as_quantized_weight(w), bias, compute=w._params.compute)
+        return self._linear(input, w, bias)
 
 
 def make_ops(

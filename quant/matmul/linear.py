@@ -10,7 +10,7 @@ import torch
 
 from ..formats import QuantizedWeight, get_format
 from . import op
-from .registry import run_linear
+from .registry import resolve_traced, run_linear
 
 
 def quantized_linear(
@@ -30,6 +30,11 @@ def quantized_linear(
     In eager mode with no gradient to record (ComfyUI samples under inference_mode), the op's
     implementation is called directly: same backend, same result, without the dispatcher's
     host cost (docs/benchmarks.md). The backend is resolved once per (format, device, compute).
+
+    While a graph is traced below Dynamo (AOTAutograd tracing a compiled model's quantized
+    weights through their layout's aten.linear handler, make_fx), the backend's plain-PyTorch
+    `traced_run` goes into the graph instead of the opaque op, so Inductor can fuse the
+    activation quantization into the op producing x; backends without one keep the op.
     """
     if op.eager_ok(x, bias, qw.scale):
         return run_linear(x, qw, bias, compute, backend)
@@ -37,6 +42,11 @@ def quantized_linear(
     fmt.check_compute(compute)
     if x.shape[-1] != qw.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the {fmt.name} weight expects {qw.shape[1]}")
+    if op.graph_traced(x, bias, qw.scale):
+        traced = resolve_traced(qw.format, x.device, compute, backend)
+        if traced is not None:
+            run, mode = traced
+            return run(x, qw, bias, mode)
     return op.linear_op(fmt.kind)(x, qw.qdata, qw.scale, bias, fmt.name, compute, backend or "")
 
 

@@ -67,6 +67,20 @@ def eager_ok(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) ->
     )
 
 
+def graph_traced(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> bool:
+    """True while a dispatch-level tracer (AOTAutograd, make_fx, a fake-tensor mode) records the
+    call and no gradient is needed, but Dynamo is not the caller: plain ops are then recorded as
+    they run, whereas Dynamo would have to trace the backend lookup in Python. Callers check
+    `eager_ok` first."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    if not (type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack()):
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
 def _fake(x, qdata, scale, bias, format, compute, backend):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
@@ -117,4 +131,4 @@ def linear_op(kind: str):
         raise ValueError(f"no onlinequant op for format kind {kind!r}") from None
 
 
-__all__ = ["NAMESPACE", "eager_ok", "linear_op"]
+__all__ = ["NAMESPACE", "eager_ok", "graph_traced", "linear_op"]

@@ -68,15 +68,24 @@ class BackendChoice:
         return f"{self.reason} (not chosen: " + "; ".join(f"{b}: {why}" for b, why in self.skipped) + ")"
 
 
+# run(x, qw, bias, compute) -> x @ W.T (+ bias) in x.dtype
+LinearRun = Callable[[torch.Tensor, QuantizedWeight, "torch.Tensor | None", str], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
     kinds: tuple[str, ...]  # WeightFormat.kind values it serves ("fp8", "mxfp4")
     computes: tuple[str, ...]  # compute modes it implements, preferred first
-    run: Callable[[torch.Tensor, QuantizedWeight, torch.Tensor | None, str], torch.Tensor]
+    run: LinearRun
     check: Callable[[DeviceInfo, WeightFormat], tuple[bool, str]]  # (usable here, why / why not)
     priority: int = 0  # higher wins among usable backends
     package: str = ""  # what to install when it is missing (named in BackendUnavailableError)
+    # `run`'s arithmetic in plain PyTorch ops only (no Triton launch, no custom op, no host sync),
+    # or None: while a graph is traced (torch.compile's AOTAutograd, make_fx), this is what the
+    # graph gets instead of the opaque op, so Inductor fuses the activation quantization into the
+    # op that produces x (norm, modulation, GELU).
+    traced_run: LinearRun | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -86,6 +95,7 @@ _CHOICE_CACHE: dict[tuple, BackendChoice] = {}
 # The same key -> (the chosen backend's run function, compute mode): what each call needs, so a
 # Linear's call costs one dict lookup (small GEMMs are host-bound: docs/benchmarks.md).
 _RUN_CACHE: dict[tuple, tuple[Callable, str]] = {}
+_TRACED_CACHE: dict[tuple, tuple[Callable, str] | None] = {}
 _DEVICE_CACHE: dict[str, DeviceInfo] = {}
 # Modules that register backends when imported; imported lazily, once (missing ones are fine).
 PLUGIN_MODULES = (".backends.scaled_mm", ".backends.triton", ".backends.aiter")
@@ -130,6 +140,7 @@ def clear_cache() -> None:
 def _forget_choices() -> None:
     _CHOICE_CACHE.clear()
     _RUN_CACHE.clear()
+    _TRACED_CACHE.clear()
 
 
 def _load_plugins() -> None:
@@ -223,6 +234,29 @@ def resolve_run(
     return _remember(key)[1]
 
 
+def resolve_traced(
+    format: str, device: torch.device, compute: str = "auto", backend: str | None = None
+) -> tuple[Callable, str] | None:
+    """(traced_run, compute mode) to put in a traced graph for what `resolve_run` picks, or None
+    (then the graph keeps the opaque op). The chosen backend's own traced_run when it has one;
+    for a weights-only mode (`*a16`) the reference's (dequantize, then one matmul: what the fast
+    kernels do too); never the reference's emulation of a quantized-activation mode, which is far
+    slower than the kernel it would replace."""
+    key = (format, device, compute, backend or "")
+    if key in _TRACED_CACHE:
+        return _TRACED_CACHE[key]
+    choice = choose_backend(format, device, compute, backend)
+    b = _BACKENDS[choice.name]
+    found = None
+    if b.traced_run is not None:
+        found = (b.traced_run, choice.compute)
+    elif not backend and choice.compute.endswith("a16"):
+        ref = _BACKENDS.get("reference")
+        found = (ref.traced_run, choice.compute) if ref is not None and ref.traced_run else None
+    _TRACED_CACHE[key] = found
+    return found
+
+
 def _choose(fmt: WeightFormat, info: DeviceInfo, compute: str, forced: str | None) -> BackendChoice:
     fmt.check_compute(compute)
     _load_plugins()
@@ -310,6 +344,7 @@ BUILTIN_BACKENDS = (
         _reference_run,
         _reference_check,
         priority=0,
+        traced_run=_reference_run,
     ),
 )
 for _b in BUILTIN_BACKENDS:
@@ -328,6 +363,7 @@ __all__ = [
     "preferred_fp8_format",
     "register_backend",
     "registered_backends",
+    "resolve_traced",
     "resolve_run",
     "run_linear",
     "unregister_backend",

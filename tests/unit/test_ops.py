@@ -14,6 +14,7 @@ from quant.matmul import op as ops
 from quant.matmul import registry as backends
 from quant.matmul.backends import scaled_mm
 from quant.matmul.linear import quantized_linear
+from quant.matmul.reference import reference_linear
 from quant.matmul.registry import Backend, BackendChoice, choose_backend, register_backend, unregister_backend
 
 
@@ -371,11 +372,22 @@ def test_eager_shortcut_only_where_the_op_is_not_needed():
         assert not ops.eager_ok(x, None, qw.scale)
     with FakeTensorMode() as mode:
         assert not ops.eager_ok(mode.from_tensor(x), None, qw.scale)
-    # tracing sees the op, not its implementation's PyTorch ops
+    # tracing below Dynamo records the backend's plain-PyTorch traced_run (the reference's here),
+    # so a compiler can fuse it; a backend without one stays one opaque op in the graph
     from torch.fx.experimental.proxy_tensor import make_fx
 
     g = make_fx(lambda t: quantized_linear(t, qw), tracing_mode="real")(x)
-    assert torch.ops.onlinequant.fp8_linear.default in [n.target for n in g.graph.nodes]
+    assert torch.ops.onlinequant.fp8_linear.default not in [n.target for n in g.graph.nodes]
+    torch.testing.assert_close(g(x), quantized_linear(x, qw), rtol=0, atol=0)
+    opaque = Backend(
+        "opaque_for_test", ("fp8",), ("w8a8",), reference_linear, lambda i, f: (True, "test"), priority=1000
+    )
+    register_backend(opaque)
+    try:
+        g = make_fx(lambda t: quantized_linear(t, qw), tracing_mode="real")(x)
+        assert torch.ops.onlinequant.fp8_linear.default in [n.target for n in g.graph.nodes]
+    finally:
+        unregister_backend("opaque_for_test")
     graphs = []
 
     def capture(gm, example_inputs):

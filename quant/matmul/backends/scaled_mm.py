@@ -131,6 +131,7 @@ BACKENDS = (
         _scaled_mm_check,
         priority=50,
         package="a PyTorch build with CUDA or ROCm",
+        traced_run=_scaled_mm_run,  # already plain PyTorch ops
     ),
     Backend(
         "scaled_mm_mxfp4",

@@ -53,6 +53,12 @@ def _fp8_run(x, qw, bias, compute):
     return fp8_linear_rowwise(x, qw.qdata, qw.scale, bias)
 
 
+def _fp8_traced(x, qw, bias, compute):
+    from ...kernels.fp8_gemm import fp8_linear_traceable
+
+    return fp8_linear_traceable(x, qw.qdata, qw.scale, bias)
+
+
 def _fp8_w8a16_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
     ok, why = _need_triton()
     if not ok:
@@ -109,6 +115,7 @@ BACKENDS = (
         _fp8_check,
         priority=60,
         package="triton (and a GPU with FP8 tensor cores)",
+        traced_run=_fp8_traced,  # the row-wise path in plain ops: Inductor fuses the quantization
     ),
     Backend(
         "triton_fp8_w8a16",
