@@ -223,8 +223,10 @@ def stats_kernel(
     kmin = tl.full([D], float("inf"), tl.float32)
     kmax = tl.full([D], float("-inf"), tl.float32)
     qabs = tl.zeros([D], tl.float32)
-    for start in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    # the loop bounds are plain arguments (not program ids): Triton 3.6's interpreter cannot
+    # iterate a range whose bounds are tensors
+    for i in range(0, CHUNK, BLOCK):
+        offs = pid_c * CHUNK + i + tl.arange(0, BLOCK)
         okk = (offs < LK)[:, None]
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kl + offs_d[None, :],
                     mask=okk, other=0.0).to(tl.float32)  # fmt: skip
