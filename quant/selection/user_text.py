@@ -19,10 +19,9 @@ from .layers import LinearInfo
 from .plan import QuantPlan, build_plan
 
 AUTO_MARKER = "# auto"
-AUTO_IGNORE_TEXT = (
-    "# auto: per-model defaults (write patterns below this line to add to them;"
-    " clear the field to quantize everything eligible)\n"
-)
+# Short enough for one line of the node's text box (any first line starting "# auto" works; the
+# tooltip says the rest: clear the field to quantize everything eligible).
+AUTO_IGNORE_TEXT = "# auto: this model's defaults; add patterns below\n"
 
 
 def uses_defaults(text: str | None) -> bool:

@@ -174,6 +174,9 @@ def test_workflow_is_valid_for_this_comfyui(path, object_info):
     fmt, n_loaders = EXPECTED[path.stem]
     loaders = [n for n in wf["nodes"] if n["type"] == "OnlineQuantDiffusionLoader"]
     assert len(loaders) == n_loaders and all(n["widgets_values"][1] == fmt for n in loaders)
+    # the loaders start from the node's own default text (the builder keeps a copy of it)
+    required = object_info["OnlineQuantDiffusionLoader"]["input"]["required"]
+    assert all(n["widgets_values"][2] == required["ignored_layers"][1]["default"] for n in loaders)
     if "attention" in path.stem:
         assert sum(n["type"] == "OnlineQuantAttention" for n in wf["nodes"]) == n_loaders
     notes = [n for n in wf["nodes"] if n["type"] in FRONTEND_ONLY]

@@ -24,11 +24,9 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[2] / "example_workflows"
 
-# nodes/loader.py AUTO_IGNORE_TEXT: the loader's default (the detected family's defaults).
-AUTO_IGNORE = (
-    "# auto: per-model defaults (write patterns below this line to add to them; "
-    "clear the field to quantize everything eligible)\n"
-)
+# quant/selection/user_text.py AUTO_IGNORE_TEXT: the loader's default (the detected family's defaults);
+# a test checks the two agree (this script runs without the package on its path).
+AUTO_IGNORE = "# auto: this model's defaults; add patterns below\n"
 HF = "https://huggingface.co/Comfy-Org"
 ZIMAGE_REPO = f"{HF}/z_image_turbo/resolve/main/split_files"
 WAN22_REPO = f"{HF}/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
