@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -24,27 +23,7 @@ for _sub in ("support", "scripts"):
     if str(Path(__file__).parent / _sub) not in sys.path:
         sys.path.insert(0, str(Path(__file__).parent / _sub))
 
-
-def find_comfyui() -> tuple[Path | None, str]:
-    """Return (path, how it was found) or (None, why not)."""
-    tried = []
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        p = Path(env).expanduser()
-        if (p / "comfy" / "ops.py").is_file():
-            return p, f"COMFYUI_PATH={p}"
-        tried.append(f"COMFYUI_PATH={p} (no comfy/ops.py there)")
-    if REPO_ROOT.parent.name == "custom_nodes":
-        p = REPO_ROOT.parent.parent
-        if (p / "comfy" / "ops.py").is_file():
-            return p, f"custom_nodes layout ({p})"
-        tried.append(f"custom_nodes layout ({p}: no comfy/ops.py)")
-    p = Path("~/comfy/ComfyUI").expanduser()
-    if (p / "comfy" / "ops.py").is_file():
-        return p, f"comfy-cli default ({p})"
-    tried.append(f"{p} (not found)")
-    return None, "no ComfyUI found; tried " + ", ".join(tried)
-
+from quant.bench.comfyui_checkout import find_comfyui  # noqa: E402  (one lookup for tests and benchmarks)
 
 _COMFY_PATH, _COMFY_HOW = find_comfyui()
 

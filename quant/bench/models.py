@@ -65,7 +65,13 @@ def _inputs(name: str, quick: bool, device, dtype=torch.bfloat16) -> dict:
 
 # ---------------------------------------------------------------- ComfyUI and the pack
 def _comfy():
-    import comfy.cli_args
+    from .comfyui_checkout import add_comfyui_to_path
+
+    try:
+        import comfy.cli_args
+    except ModuleNotFoundError:
+        add_comfyui_to_path()  # $COMFYUI_PATH, the custom_nodes layout or ~/comfy/ComfyUI
+        import comfy.cli_args
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True

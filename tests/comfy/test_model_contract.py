@@ -66,7 +66,7 @@ def _snapshot(patcher):
     for name, m in patcher.model.diffusion_model.named_modules():
         w = getattr(m, "weight", None)
         if hasattr(w, "_qdata"):
-            out[name] = (w._qdata.view(torch.uint8).clone(), w._params.scale.clone())
+            out[name] = (w._qdata.view(torch.uint8).cpu().clone(), w._params.scale.cpu().clone())
     return out
 
 
@@ -169,7 +169,7 @@ def _expected_hooked(mp, lora_sd):
     key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
     patches = comfy.lora.load_lora(lora_sd, key_map)
     w = comfy.utils.get_attr(mp.model, WATCH)
-    base = w.to(torch.float32, copy=True).dequantize()
+    base = w.to(torch.float32, copy=True).dequantize().cpu()
     out = comfy.lora.calculate_weight([(1.0, patches[WATCH], 1.0, None, None)], base, WATCH)
     return out
 
@@ -195,7 +195,7 @@ def test_hook_lora_sampling_restores_the_cached_model(mods, wan_file, fmt, mode)
     (pos_h,) = comfy.hooks.set_conds_props([pos], 1.0, "default", hooks=hooks)
     neg_h = comfy.hooks.set_conds_props([neg], 1.0, "default", hooks=hooks)[0] if mode == "minvram" else neg
 
-    orig_deq = comfy.utils.get_attr(mp.model, WATCH).dequantize().float()
+    orig_deq = comfy.utils.get_attr(mp.model, WATCH).dequantize().float().cpu()
     want = fmt_obj.quantize(_expected_hooked(mp, lora_sd))
     restore_err, hooked_ok, modes = [], [], []
 
@@ -203,11 +203,11 @@ def test_hook_lora_sampling_restores_the_cached_model(mods, wan_file, fmt, mode)
         w = comfy.utils.get_attr(patcher.model, WATCH)
         modes.append(patcher.hook_mode.value)
         if applied is None:  # just restored
-            restore_err.append(hm.rel_err(orig_deq, w.dequantize().float()))
+            restore_err.append(hm.rel_err(orig_deq, w.dequantize().float().cpu()))
         else:
             hooked_ok.append(
-                torch.equal(w._qdata.view(torch.uint8), want.qdata.view(torch.uint8))
-                and torch.equal(w._params.scale, want.scale)
+                torch.equal(w._qdata.view(torch.uint8).cpu(), want.qdata.view(torch.uint8))
+                and torch.equal(w._params.scale.cpu(), want.scale)
             )
 
     m = mp.clone()
@@ -243,7 +243,7 @@ def _deq_model(mp) -> dict:
             continue
         for pn, v in m.named_parameters(recurse=False):
             out[f"{name}.{pn}"] = (
-                (v.to(torch.float32).dequantize() if hasattr(v, "_qdata") else v).detach().float()
+                (v.to(torch.float32).dequantize() if hasattr(v, "_qdata") else v).detach().float().cpu()
             )
     return out
 

@@ -65,7 +65,10 @@ def test_model_save_writes_the_dequantized_model(mods, wan_file, tmp_path, fmt):
         y_ref = hm.run_diffusion_model(ref, inp)
         comfy.model_management.unload_all_models()
     assert torch.isfinite(y_stock).all()
-    assert hm.rel_err(y_q, y_stock) < 1e-2  # the saved model computes what the quantized one did
+    # the saved model computes what the quantized one did, up to the activation quantization that
+    # FP8 tensor cores add on a GPU (W8A8) and the dequantized bf16 model does not have
+    act_quant = fmt == "fp8_e4m3fn" and mp.load_device.type == "cuda"
+    assert hm.rel_err(y_q, y_stock) < (5e-2 if act_quant else 1e-2)
     assert hm.rel_err(y_ref, y_stock) < (0.1 if fmt == "fp8_e4m3fn" else 0.3)
     # the quantized model still runs packed
     assert mods.nodes.layouts.is_online_quant(comfy.utils.get_attr(mp.model, f"diffusion_model.{name}"))

@@ -135,7 +135,7 @@ def run_diffusion_model(patcher, inputs: dict) -> torch.Tensor:
 
 
 def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.float(), out.float()
+    ref, out = ref.float().cpu(), out.float().cpu()  # either may sit on a GPU
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
