@@ -37,6 +37,7 @@ from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
 from ..quant.selection.plan import format_bytes
 from .ops import make_ops
+from .placement import packed_device, quantized_model_bytes
 from .progress import LoadProgress, linear_weight_bytes
 from .report import LayerRecord, LoadReport
 from .save import save_dequantized
@@ -249,6 +250,9 @@ def _load_quantized(
         )
         model_options["custom_operations"] = ops
         report.quantize_device = str(ops.load_state.quantize_device)
+        model_bytes = quantized_model_bytes(sd, plan, quantization)
+        ops.load_state.packed_device, where = packed_device(ops.load_state.quantize_device, model_bytes)
+        log.debug("OnlineQuant %s: %s", name, where)
         ops.load_state.progress = LoadProgress(linear_weight_bytes(sd), name)
 
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
@@ -266,6 +270,7 @@ def _load_quantized(
         )
 
     if ops is not None:
+        ops.load_state.settle()  # NaN/Inf verdicts and SQNR of GPU-quantized layers: one sync
         ops.load_state.progress.finish()
         save_dequantized(patcher.model)  # ModelSave/CheckpointSave write plain weights, not packed bytes
         state = ops.load_state

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import comfy.model_management
@@ -40,57 +39,19 @@ from comfy.quant_ops import QuantizedTensor
 from ..quant.errors import CheckpointError, NonFiniteWeightError, QuantizationOOMError
 from ..quant.formats import get_format
 from ..quant.matmul.linear import quantized_linear
-from ..quant.quality import quantized_weight_sqnr_db
+from ..quant.quality import quantized_weight_sqnr_db, quantized_weight_sqnr_sums
 from .layouts import (
     as_quantized_weight,
     is_online_quant,
     packed_nbytes,
     quantize_to_tensor,
     register_layouts,
+    to_quantized_tensor,
 )
+from .load_state import LoadState, defers_checks, non_finite_weight_error, to_quantize_device
 from .report import LayerRecord
 
 log = logging.getLogger(__name__)
-
-
-def _to_quantize_device(weight: torch.Tensor, qdev: torch.device) -> torch.Tensor:
-    """`weight` on the quantization device. A lazily read weight (quant.checkpoint) bound
-    for a CUDA GPU is read straight into pinned host memory (one positioned read, no pageable
-    temporary) and copied with `non_blocking=True`: the quantizer's kernels queue behind the copy
-    on the same stream, and PyTorch's caching host allocator keeps the pinned block until the
-    copy is done (same-shape layers reuse it). Anything else, or a pinning failure: `.to()`."""
-    if hasattr(weight, "_reader"):
-        weight._reader.checked_by_caller(weight._name)  # the quantizer checks NaN/Inf where it runs
-    if qdev.type == "cuda" and hasattr(weight, "_reader") and weight.device.type == "cpu":
-        try:
-            host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-        except RuntimeError:  # pinning refused (locked-memory limit, driver): the plain copy
-            return weight.to(device=qdev)
-        host.copy_(weight)
-        return host.to(device=qdev, non_blocking=True)
-    return weight.to(device=qdev)
-
-
-@dataclass
-class LoadState:
-    """Everything one load needs and records; one instance per `make_ops` call."""
-
-    plan: Any  # quant.selection.plan.QuantPlan
-    format: str
-    compute: str = "auto"
-    quantize_device: torch.device | None = None
-    record_sqnr: bool = True
-    records: list[LayerRecord] = field(default_factory=list)
-    quantize_seconds: float = 0.0
-    seen: set[str] = field(default_factory=set)
-    progress: Any = None  # nodes.progress.LoadProgress, set by the loader
-
-    def compute_for(self, decision: Any) -> str:
-        """The layer's compute mode: the format's weight-only mode where the plan says
-        `weights-only` (activations stay in the compute dtype), else the load's own."""
-        if decision is not None and decision.precision == "weights-only":
-            return get_format(self.format).computes[-1]  # formats list their weight-only mode last
-        return self.compute
 
 
 class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
@@ -190,22 +151,26 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
     ) -> QuantizedTensor:
         qdev = state.quantize_device or weight.device
         n, k = self.out_features, self.in_features
+        fmt = get_format(state.format)
+        defer = defers_checks(qdev)  # see LoadState.pending
         t0 = time.perf_counter()
         w = None
+        sqnr = sums = finite = None
         try:
-            w = _to_quantize_device(weight, qdev)
+            w = to_quantize_device(weight, qdev)
             try:
-                qt = quantize_to_tensor(w, state.format, self._oq_dtype, self._oq_compute)
+                qw = fmt.quantize(w, check_finite=not defer)
             except NonFiniteWeightError as e:
-                raise NonFiniteWeightError(
-                    f"layer {name!r}: the weight [{n}x{k}] contains NaN or Inf and cannot be quantized "
-                    f"({e}); the checkpoint is damaged, or add {name!r} to the ignored layers to keep it"
-                ) from None
-            sqnr = None
+                raise non_finite_weight_error(name, n, k, str(e)) from None
             if state.record_sqnr:
                 # 256 evenly spaced rows: exact per row (row-local formats), ~1% of the quantization
-                sqnr = float(quantized_weight_sqnr_db(w, as_quantized_weight(qt)))
-            qt = qt.to(device=target)
+                if defer:
+                    sums = quantized_weight_sqnr_sums(w, qw)
+                else:
+                    sqnr = float(quantized_weight_sqnr_db(w, qw))
+            finite = fmt.finite(qw) if defer else None
+            qt = to_quantized_tensor(qw, self._oq_dtype, self._oq_compute)
+            qt = qt.to(device=state.packed_device or target)
         except torch.OutOfMemoryError:
             w = None
             qt = None
@@ -220,20 +185,21 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             del w
         state.quantize_seconds += time.perf_counter() - t0
         d = state.plan.decision(name)
-        state.records.append(
-            LayerRecord(
-                name,
-                n,
-                k,
-                True,
-                d.reason,
-                d.source,
-                weight.numel() * weight.element_size(),
-                packed_nbytes(qt),
-                sqnr,
-                self._oq_compute,
-            )
+        record = LayerRecord(
+            name,
+            n,
+            k,
+            True,
+            d.reason,
+            d.source,
+            weight.numel() * weight.element_size(),
+            packed_nbytes(qt),
+            sqnr,
+            self._oq_compute,
         )
+        state.records.append(record)
+        if defer:
+            state.queue(record, finite, sums, qdev)
         return qt
 
     def _apply(self, fn, recurse=True):

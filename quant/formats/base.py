@@ -68,7 +68,14 @@ class WeightFormat:
     computes: tuple[str, ...]
     description: str = ""
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+    def quantize(self, w: torch.Tensor, *, check_finite: bool = True) -> QuantizedWeight:
+        """check_finite=False skips the NaN/Inf check (a device-to-host synchronisation): the
+        caller asks `finite(qw)` instead and reads the answers together, once."""
+        raise NotImplementedError
+
+    def finite(self, qw: QuantizedWeight) -> torch.Tensor:
+        """0-dim bool tensor on qw's device, no synchronisation: whether the weight qw was made
+        from (with check_finite=False) held only finite values."""
         raise NotImplementedError
 
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

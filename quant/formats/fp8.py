@@ -54,11 +54,16 @@ def _row_amax(w: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_weight(
-    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "channel"
+    w: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    granularity: str = "channel",
+    *,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight [N, K] to FP8. Returns (q [N, K] in dtype, scale fp32 [N, 1] or []).
 
-    NaN/Inf raise NonFiniteWeightError (the caller adds the layer name).
+    NaN/Inf raise NonFiniteWeightError (the caller adds the layer name); with check_finite=False
+    they give a non-finite scale instead (no synchronisation; `Fp8Format.finite` reads it).
     """
     fmax = fp8_max(dtype)
     if granularity not in GRANULARITIES:
@@ -71,7 +76,7 @@ def quantize_weight(
         raise TypeError(f"FP8 quantizes floating-point tensors, got {w.dtype}")
     n, k = w.shape
     amax = _row_amax(w)  # chunked: no full-size |w| temporary while a big layer loads
-    if not bool(torch.isfinite(amax).all()):  # NaN and Inf propagate into amax
+    if check_finite and not bool(torch.isfinite(amax).all()):  # NaN and Inf propagate into amax
         raise NonFiniteWeightError("weight contains NaN or Inf values; FP8 cannot quantize it")
     if granularity == "tensor":
         amax = amax.amax() if n else amax.new_zeros(())
@@ -127,10 +132,13 @@ class Fp8Format(WeightFormat):
     dtype: torch.dtype = torch.float8_e4m3fn
     granularity: str = "channel"
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+    def quantize(self, w: torch.Tensor, *, check_finite: bool = True) -> QuantizedWeight:
         n, k = self._check_weight(w)
-        q, scale = quantize_weight(w, self.dtype, self.granularity)
+        q, scale = quantize_weight(w, self.dtype, self.granularity, check_finite=check_finite)
         return QuantizedWeight(self.name, q, scale, (n, k))
+
+    def finite(self, qw: QuantizedWeight) -> torch.Tensor:
+        return torch.isfinite(qw.scale).all()  # a NaN/Inf reaches the scale through amax
 
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize(qw.qdata, qw.scale, dtype)

@@ -268,10 +268,15 @@ def dequantize(
 class Mxfp4Format(WeightFormat):
     rounding: str = "even"
 
-    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+    def quantize(self, w: torch.Tensor, *, check_finite: bool = True) -> QuantizedWeight:
         n, k = self._check_weight(w)
-        codes, scales = quantize(w, self.rounding)
+        codes, scales = quantize(w, self.rounding, check_finite=check_finite)
         return QuantizedWeight(self.name, codes, scales, (n, k))
+
+    def finite(self, qw: QuantizedWeight) -> torch.Tensor:
+        # unchecked, a block holding NaN/Inf gets the E8M0 NaN scale, which finite blocks never
+        # get (their exponent is capped well below it)
+        return (qw.scale.view(torch.uint8) != E8M0_NAN).all()
 
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize(qw.qdata, qw.scale, dtype)

@@ -23,6 +23,7 @@ from .weights import (
     measure_weight_sqnr,
     other_param_bytes,
     quantized_weight_sqnr_db,
+    quantized_weight_sqnr_sums,
     sample_rows,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "plan_with_sensitivity",
     "psnr_db",
     "quantized_weight_sqnr_db",
+    "quantized_weight_sqnr_sums",
     "relative_l2",
     "sample_rows",
     "sqnr_db",

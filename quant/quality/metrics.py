@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 # Elements per chunk: 4 Mi fp32 elements = 16 MiB of temporaries per operand.
-_CHUNK = 1 << 22
+CHUNK = 1 << 22  # elements per fp32 partial sum (then summed in fp64)
 
 
 def _check_pair(ref: Tensor, test: Tensor) -> None:
@@ -35,9 +35,9 @@ def _signal_and_noise(ref: Tensor, test: Tensor) -> tuple[float, float]:
         t = t.to(r.device)
     signal = 0.0
     noise = 0.0
-    for start in range(0, r.numel(), _CHUNK):
-        rc = r[start : start + _CHUNK].float()
-        d = rc - t[start : start + _CHUNK].float()
+    for start in range(0, r.numel(), CHUNK):
+        rc = r[start : start + CHUNK].float()
+        d = rc - t[start : start + CHUNK].float()
         # dot products: one BLAS pass each, fp32 accumulation (no x*x temporaries)
         signal += float(torch.dot(rc, rc))
         noise += float(torch.dot(d, d))
@@ -172,4 +172,14 @@ def ssim(
     return total / max(count, 1)
 
 
-__all__ = ["channel_sqnr_db", "mse", "psnr_db", "relative_l2", "sqnr_db", "ssim", "weight_sqnr_db"]
+__all__ = [
+    "CHUNK",
+    "channel_sqnr_db",
+    "mse",
+    "psnr_db",
+    "relative_l2",
+    "sqnr_db",
+    "sqnr_from_sums",
+    "ssim",
+    "weight_sqnr_db",
+]

@@ -333,14 +333,14 @@ def test_out_of_memory_while_quantizing_names_layer_and_size_and_next_load_works
 ):
     """torch.OutOfMemoryError inside one layer's quantization (simulated: no GPU here)."""
     ops = pack.nodes.ops
-    real = ops.quantize_to_tensor
+    real = ops.to_quantized_tensor
 
-    def oom_on_ffn2(w, *a, **k):
-        if tuple(w.shape) == (hm.wan_model().blocks[1].ffn[2].weight.shape):
+    def oom_on_ffn2(qw, *a, **k):
+        if tuple(qw.shape) == (hm.wan_model().blocks[1].ffn[2].weight.shape):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(w, *a, **k)
+        return real(qw, *a, **k)
 
-    monkeypatch.setattr(ops, "quantize_to_tensor", oom_on_ffn2)
+    monkeypatch.setattr(ops, "to_quantized_tensor", oom_on_ffn2)
     created, restore = _spy_online_linears(pack)
     try:
         with pytest.raises(_errors(pack).QuantizationOOMError) as ei:

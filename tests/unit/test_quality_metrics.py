@@ -25,7 +25,7 @@ def test_sqnr_exact_is_inf_and_zero_signal_is_minus_inf():
 
 
 def test_sqnr_chunked_matches_direct(monkeypatch):
-    monkeypatch.setattr(quality.metrics, "_CHUNK", 100)  # force many chunks, including a partial one
+    monkeypatch.setattr(quality.metrics, "CHUNK", 100)  # force many chunks, including a partial one
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(37, 29, generator=g)
     test = ref + 0.01 * torch.randn(37, 29, generator=g)
