@@ -23,7 +23,8 @@ def add_args(parser) -> None:
     parser.add_argument(
         "--compiled",
         action="store_true",
-        help="also time the torch.compile'd plain-PyTorch FP8 path (compiles per shape)",
+        help="also time compiled paths: gemm, the plain-PyTorch FP8 path (compiles per shape); models, "
+        "each variant under torch.compile against compiled bf16",
     )
 
 

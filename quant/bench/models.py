@@ -284,7 +284,7 @@ def run(args, device: torch.device) -> list[dict]:
         src_bytes = sum(v.numel() * v.element_size() for v in sd.values())
         src_ptrs = {v.data_ptr() for v in sd.values()}
         inputs = _inputs(name, quick, device)
-        ref, bf16_ms = None, None
+        ref, bf16_ms, bf16_compiled_ms = None, None, None
         variants = [v for v in getattr(args, "variants", ",".join(VARIANTS)).split(",") if v]
         for variant in variants:
             row_base = dict(table="models", model=MODELS[name][4] if not quick else name + " (tiny)")
@@ -298,6 +298,9 @@ def run(args, device: torch.device) -> list[dict]:
             combos = [("", None)] + (
                 [("+fp8_attention", {"optimized_attention_override": attn})] if attn else []
             )
+            # --compiled: the model under torch.compile as ComfyUI's TorchCompileModel node applies
+            # it (Inductor, default mode, inference mode), against compiled bf16
+            combos += [("+compiled", None)] if getattr(args, "compiled", False) else []
             for suffix, topts in combos:
                 row = dict(row_base, variant=variant + suffix)
                 try:
@@ -305,7 +308,10 @@ def run(args, device: torch.device) -> list[dict]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
-                    out, ms = _step(model, inputs, topts, device, 1 if quick else args.steps)
+                    torch._dynamo.reset()
+                    stepped = torch.compile(model) if suffix == "+compiled" else model
+                    out, ms = _step(stepped, inputs, topts, device, 1 if quick else args.steps)
+                    del stepped
                     # the source weights stay resident for the comparison: subtract them, but count
                     # the ones a variant shares with them (kept bf16 layers alias the state dict)
                     peak = None
@@ -317,9 +323,13 @@ def run(args, device: torch.device) -> list[dict]:
                     continue
                 if variant == "bf16" and not suffix:
                     ref, bf16_ms = out.float(), ms
+                if variant == "bf16" and suffix == "+compiled":
+                    bf16_compiled_ms = ms
+                base_ms = bf16_compiled_ms if suffix == "+compiled" else bf16_ms
                 row.update(
                     step_ms=round(ms, 2),
-                    speedup_vs_bf16=round(bf16_ms / ms, 3) if bf16_ms else None,
+                    # compiled rows against compiled bf16, the others against eager bf16
+                    speedup_vs_bf16=round(base_ms / ms, 3) if base_ms else None,
                     weight_GiB=round(wbytes / 2**30, 3),
                     weight_vs_bf16=round(wbytes / src_bytes, 3),
                     peak_vram_GiB=round(peak / 2**30, 2) if peak is not None else None,
