@@ -29,7 +29,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header
+from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header, read_packed_info
 from ..quant.checkpoint.reader import all_finite, non_finite_error
 from ..quant.errors import CheckpointError, HeaderTooLargeError, OnlineQuantError
 from ..quant.formats import FORMATS, get_format
@@ -37,6 +37,7 @@ from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
 from ..quant.selection.plan import format_bytes
 from .ops import make_ops
+from .packed import fold_packed_weights
 from .progress import LoadProgress, linear_weight_bytes
 from .report import LayerRecord, LoadReport
 from .save import save_dequantized
@@ -164,7 +165,7 @@ def _load_quantized(
 
     name = os.path.basename(unet_path)
     fmt_name = NO_QUANTIZATION if plain else quantization
-    header = kind = cp = None
+    header = kind = cp = packed = None
     if unet_path.lower().endswith((".safetensors", ".sft")):
         # Validate the header first: LFS pointers, HTML pages, truncated or malformed files get an
         # error naming the file and what it is, and the plan (or the refusal) is the preview's and
@@ -178,6 +179,8 @@ def _load_quantized(
             )
             raise CheckpointError(f"{unet_path}: {why}", path=unet_path, reason=why) from None
         kind = classify_checkpoint(header)
+        # a "Save Quantized Model" file: its own plan, its packed weights loaded as they are
+        packed = read_packed_info(header) if kind.kind == "online_quant" else None
         cp = plan_checkpoint(
             header.shapes(),
             fmt_name,
@@ -186,6 +189,7 @@ def _load_quantized(
             min_out_features=min_out_features,
             kind=kind,
             file=unet_path,
+            packed=packed,
         )
     sd = None
     try:
@@ -201,6 +205,8 @@ def _load_quantized(
             )
             _opened.append(sd.reader)
             metadata = header.metadata
+            if packed is not None:
+                fold_packed_weights(sd, packed)
         else:
             sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
     except OnlineQuantError:
@@ -223,6 +229,8 @@ def _load_quantized(
             file=unet_path,
         )
     plain = not cp.quantize
+    if packed is not None:
+        quantization = cp.plan.format  # what the file holds, whatever the input asked for
     report = LoadReport(model_file=name, format=quantization, family=cp.family, compute_dtype=compute_dtype)
     report.notes.extend(cp.notes)
 
@@ -232,7 +240,7 @@ def _load_quantized(
     ops = None
     if not plain:
         plan = cp.plan
-        if keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
+        if packed is None and keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
             from ..quant.quality import plan_with_sensitivity
 
             plan, _, note = plan_with_sensitivity(plan, sd, keep_sensitive, shapes=shapes)
@@ -248,6 +256,7 @@ def _load_quantized(
             record_sqnr=record_sqnr,
         )
         model_options["custom_operations"] = ops
+        ops.load_state.source = name
         report.quantize_device = str(ops.load_state.quantize_device)
         ops.load_state.progress = LoadProgress(linear_weight_bytes(sd), name)
 
