@@ -141,6 +141,7 @@ def _load_quantized(
     record_sqnr: bool | None = None,
     keep_sensitive: str | None = None,
     allow_non_finite: bool = False,
+    _cached=None,
     _opened: list,
 ):
     """Load `unet_path` as a ComfyUI MODEL, quantizing its Linear layers. -> (ModelPatcher, LoadReport)
@@ -154,6 +155,8 @@ def _load_quantized(
         chosen layers are listed in the report as lines to paste into the ignored layers.
     allow_non_finite: load tensors holding NaN/Inf instead of stopping (the report warns and names
         them); the quantizer still refuses a non-finite weight it must quantize.
+    _cached: a quant.checkpoint.load_cache.CacheHit (nodes/load_cache.py): plan the source file as
+        usual, read the tensors from that cache file (packed weights as they are) instead.
     """
     t0 = time.perf_counter()
     if compute_dtype not in COMPUTE_DTYPES:
@@ -197,16 +200,16 @@ def _load_quantized(
             # Tensors read with pread when each layer loads (lazy_state_dict): no mmap, so a
             # file truncated mid-load raises CheckpointError instead of SIGBUS killing ComfyUI,
             # and host RAM holds about one bf16 tensor beyond the (quantized) model.
+            src = (_cached.path, _cached.header) if _cached is not None else (unet_path, header)
             sd = lazy_state_dict(
-                unet_path,
-                header,
-                eager_bytes=_EAGER_BYTES if kind.prequantized else 0,
+                *src,
+                eager_bytes=_EAGER_BYTES if kind.prequantized or _cached is not None else 0,
                 check_finite=not allow_non_finite,
             )
             _opened.append(sd.reader)
-            metadata = header.metadata
-            if packed is not None:
-                fold_packed_weights(sd, packed)
+            metadata = src[1].metadata
+            if packed is not None or _cached is not None:
+                fold_packed_weights(sd, packed or _cached.info)
         else:
             sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
     except OnlineQuantError:

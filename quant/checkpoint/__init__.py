@@ -1,7 +1,8 @@
 """Reading checkpoint files users have: a strict safetensors reader (header rules, positioned reads,
 a lazy state dict), what a file that is not safetensors looks like, and whether a file is already
-quantized, and the pack's own file of a quantized model (packed_file). Imports go one way:
-header -> rules / sniff -> reader -> lazy; header -> packed_file -> classify."""
+quantized, the pack's own file of a quantized model (packed_file) and the quantized load cache
+built on it (load_cache). Imports go one way: header -> rules / sniff -> reader -> lazy;
+header -> packed_file -> classify, load_cache."""
 
 from .classify import CheckpointKind, classify_checkpoint
 from .header import DTYPE_BITS, MAX_HEADER_BYTES, SafetensorsHeader, TensorEntry
