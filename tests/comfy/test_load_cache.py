@@ -25,7 +25,7 @@ def mods(pack):
     global comfy
     import comfy.model_management
 
-    return hm.import_submodules(pack, "nodes.loader", "nodes.load_cache")
+    return hm.import_submodules(pack, "nodes.loader", "nodes.load_cache", "nodes.loader_node")
 
 
 @pytest.fixture
@@ -202,3 +202,14 @@ def test_loads_the_cache_cannot_serve_say_why(mods, wan, tmp_path, fmt, kw, why)
     rep, _, _ = _load(mods, wan, tmp_path / "cache", fmt, **kw)
     assert f"quantized cache: not used ({why}" in _notes(rep)
     assert _files(tmp_path / "cache") == []
+
+
+def test_the_node_input_is_off_by_default_and_the_folder_is_comfyuis(mods):
+    import folder_paths
+
+    schema = mods.nodes.loader_node.OnlineQuantDiffusionLoader.define_schema()
+    (inp,) = [i for i in schema.inputs if i.id == "quantized_cache"]
+    assert inp.default is False and inp.optional
+    folder = mods.nodes.load_cache.cache_folder()
+    assert folder == os.path.join(folder_paths.models_dir, "online_quant_cache")
+    assert folder_paths.get_folder_paths("online_quant_cache")[0] == folder

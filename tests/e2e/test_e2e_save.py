@@ -176,3 +176,22 @@ def test_node_is_listed_with_its_help_page(server):
     assert info["input"]["required"]["filename_prefix"][1]["default"] == "diffusion_models/OnlineQuant"
     status, body = server.request("/extensions/ComfyUI-OnlineQuant/docs/OnlineQuantSaveQuantized.md")
     assert status == 200 and body.startswith(b"# Save Quantized Model (Online Quant)")
+
+
+def test_quantized_cache_through_the_node(server):
+    """The loader's quantized_cache: the first load writes models/online_quant_cache/<file>, a load by
+    another loader node of the same file and plan reads it (no quantization), the same latent."""
+    loader = _loader(SOURCE, "mxfp4")
+    loader["inputs"]["quantized_cache"] = True
+    first = _run(server, _sampling(loader, "cache_first"))
+    assert "quantized cache: miss; wrote wan_tiny-" in first["outputs"]["1"]["text"][0]
+    (cached,) = (server.models_dir / "online_quant_cache").glob("wan_tiny-*.safetensors")
+    wf = _sampling(loader, "cache_second")
+    # another node with a comment-only edit: ComfyUI runs it (its inputs changed) and the loader
+    # cannot reuse the first node's live model, so this is a real second load of the same plan
+    wf["11"] = wf.pop("1")
+    wf["11"]["inputs"]["ignored_layers"] = "# auto\n# a comment\n"
+    wf["5"]["inputs"]["model"] = ["11", 0]
+    second = _run(server, wf)
+    assert f"quantized cache: read {cached.name} — no quantization" in second["outputs"]["11"]["text"][0]
+    assert torch.equal(_latent(server, "cache_first"), _latent(server, "cache_second"))
