@@ -10,12 +10,13 @@ from . import reuse, routes
 from .attention_node import OnlineQuantAttention
 from .compare import OnlineQuantCompare
 from .loader_node import OnlineQuantDiffusionLoader
+from .save_quantized import OnlineQuantSaveQuantized
 
 log = logging.getLogger(__name__)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [OnlineQuantDiffusionLoader, OnlineQuantAttention, OnlineQuantCompare]
+    return [OnlineQuantDiffusionLoader, OnlineQuantAttention, OnlineQuantCompare, OnlineQuantSaveQuantized]
 
 
 def register_routes() -> None:

@@ -66,6 +66,7 @@ class LoadState:
     quantize_seconds: float = 0.0
     seen: set[str] = field(default_factory=set)
     progress: Any = None  # nodes.progress.LoadProgress, set by the loader
+    source: str = ""  # the file's name, for the header of a "Save Quantized Model" file
     # GPU quantization queues each layer's NaN/Inf verdict and SQNR sums here instead of waiting
     # for them (a synchronisation per layer would keep the next layer's read from overlapping this
     # one's copy and quantization); `settle` reads them all at once when the load ends.

@@ -29,7 +29,7 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header
+from ..quant.checkpoint import classify_checkpoint, lazy_state_dict, read_header, read_packed_info
 from ..quant.checkpoint.reader import all_finite, non_finite_error
 from ..quant.errors import CheckpointError, HeaderTooLargeError, OnlineQuantError
 from ..quant.formats import FORMATS, get_format
@@ -37,6 +37,7 @@ from ..quant.matmul.registry import choose_backend
 from ..quant.selection.checkpoint_plan import NO_QUANTIZATION, plan_checkpoint
 from ..quant.selection.plan import format_bytes
 from .ops import make_ops
+from .packed import fold_packed_weights
 from .placement import packed_device, quantized_model_bytes
 from .progress import LoadProgress, linear_weight_bytes
 from .report import LayerRecord, LoadReport
@@ -141,6 +142,7 @@ def _load_quantized(
     record_sqnr: bool | None = None,
     keep_sensitive: str | None = None,
     allow_non_finite: bool = False,
+    _cached=None,
     _opened: list,
 ):
     """Load `unet_path` as a ComfyUI MODEL, quantizing its Linear layers. -> (ModelPatcher, LoadReport)
@@ -154,6 +156,8 @@ def _load_quantized(
         chosen layers are listed in the report as lines to paste into the ignored layers.
     allow_non_finite: load tensors holding NaN/Inf instead of stopping (the report warns and names
         them); the quantizer still refuses a non-finite weight it must quantize.
+    _cached: a quant.checkpoint.load_cache.CacheHit (nodes/load_cache.py): plan the source file as
+        usual, read the tensors from that cache file (packed weights as they are) instead.
     """
     t0 = time.perf_counter()
     if compute_dtype not in COMPUTE_DTYPES:
@@ -165,7 +169,7 @@ def _load_quantized(
 
     name = os.path.basename(unet_path)
     fmt_name = NO_QUANTIZATION if plain else quantization
-    header = kind = cp = None
+    header = kind = cp = packed = None
     if unet_path.lower().endswith((".safetensors", ".sft")):
         # Validate the header first: LFS pointers, HTML pages, truncated or malformed files get an
         # error naming the file and what it is, and the plan (or the refusal) is the preview's and
@@ -179,6 +183,8 @@ def _load_quantized(
             )
             raise CheckpointError(f"{unet_path}: {why}", path=unet_path, reason=why) from None
         kind = classify_checkpoint(header)
+        # a "Save Quantized Model" file: its own plan, its packed weights loaded as they are
+        packed = read_packed_info(header) if kind.kind == "online_quant" else None
         cp = plan_checkpoint(
             header.shapes(),
             fmt_name,
@@ -187,6 +193,7 @@ def _load_quantized(
             min_out_features=min_out_features,
             kind=kind,
             file=unet_path,
+            packed=packed,
         )
     sd = None
     try:
@@ -194,14 +201,16 @@ def _load_quantized(
             # Tensors read with pread when each layer loads (lazy_state_dict): no mmap, so a
             # file truncated mid-load raises CheckpointError instead of SIGBUS killing ComfyUI,
             # and host RAM holds about one bf16 tensor beyond the (quantized) model.
+            src = (_cached.path, _cached.header) if _cached is not None else (unet_path, header)
             sd = lazy_state_dict(
-                unet_path,
-                header,
-                eager_bytes=_EAGER_BYTES if kind.prequantized else 0,
+                *src,
+                eager_bytes=_EAGER_BYTES if kind.prequantized or _cached is not None else 0,
                 check_finite=not allow_non_finite,
             )
             _opened.append(sd.reader)
-            metadata = header.metadata
+            metadata = src[1].metadata
+            if packed is not None or _cached is not None:
+                fold_packed_weights(sd, packed or _cached.info)
         else:
             sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
     except OnlineQuantError:
@@ -224,6 +233,8 @@ def _load_quantized(
             file=unet_path,
         )
     plain = not cp.quantize
+    if packed is not None:
+        quantization = cp.plan.format  # what the file holds, whatever the input asked for
     report = LoadReport(model_file=name, format=quantization, family=cp.family, compute_dtype=compute_dtype)
     report.notes.extend(cp.notes)
 
@@ -233,7 +244,7 @@ def _load_quantized(
     ops = None
     if not plain:
         plan = cp.plan
-        if keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
+        if packed is None and keep_sensitive and keep_sensitive.strip().lower() not in ("none", "off"):
             from ..quant.quality import plan_with_sensitivity
 
             plan, _, note = plan_with_sensitivity(plan, sd, keep_sensitive, shapes=shapes)
@@ -249,6 +260,7 @@ def _load_quantized(
             record_sqnr=record_sqnr,
         )
         model_options["custom_operations"] = ops
+        ops.load_state.source = name
         report.quantize_device = str(ops.load_state.quantize_device)
         model_bytes = quantized_model_bytes(sd, plan, quantization)
         ops.load_state.packed_device, where = packed_device(ops.load_state.quantize_device, model_bytes)

@@ -7,6 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..quant.selection.user_text import AUTO_IGNORE_TEXT
 from . import names
+from .load_cache import load_cached
 from .loader import COMPUTE_DTYPES, load_quantized, quantization_choices
 from .reuse import load_or_reuse, plan_key
 
@@ -100,6 +101,17 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
                         "paste into ignored_layers. Costs one extra read of the Linear weights."
                     ),
                 ),
+                io.Boolean.Input(
+                    "quantized_cache",
+                    default=False,
+                    optional=True,
+                    tooltip=(
+                        "Keep the quantized weights of this file and plan in models/online_quant_cache: "
+                        "the next load of the same file with the same plan reads them instead of "
+                        "quantizing again. A changed file or plan is quantized anew; the folder is "
+                        "capped (ONLINE_QUANT_CACHE_GB, default 64) by dropping the least recently used."
+                    ),
+                ),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             outputs=[
@@ -117,15 +129,23 @@ class OnlineQuantDiffusionLoader(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, unet_name, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive="none"
+        cls,
+        unet_name,
+        quantization,
+        ignored_layers,
+        min_out_features,
+        compute_dtype,
+        keep_sensitive="none",
+        quantized_cache=False,
     ):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        load = load_cached if quantized_cache else load_quantized
         key = plan_key(path, quantization, ignored_layers, min_out_features, compute_dtype, keep_sensitive)
         hidden = cls.hidden
         model, report, reused = load_or_reuse(
             hidden.unique_id if hidden is not None else None,
             key,
-            lambda: load_quantized(
+            lambda: load(
                 path,
                 quantization,
                 ignored_layers,

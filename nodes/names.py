@@ -8,6 +8,7 @@ CATEGORY = "OnlineQuant"
 LOADER = "OnlineQuantDiffusionLoader"
 ATTENTION = "OnlineQuantAttention"
 COMPARE = "OnlineQuantCompare"
+SAVE_QUANTIZED = "OnlineQuantSaveQuantized"
 
 DISPLAY_NAMES: dict[str, str] = {
     # The format names come early: frontends before search aliases (1.35.x) search only the id and
@@ -15,6 +16,7 @@ DISPLAY_NAMES: dict[str, str] = {
     LOADER: "Load Diffusion Model FP8/MXFP4 (Online Quant)",
     ATTENTION: "Attention Backend (Online Quant)",
     COMPARE: "Compare Models (Online Quant)",
+    SAVE_QUANTIZED: "Save Quantized Model (Online Quant)",
 }
 
 # The words users type in the node search besides the display name (format and model names).

@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -41,6 +42,7 @@ from ..quant.formats import get_format
 from ..quant.matmul.linear import quantized_linear
 from ..quant.quality import quantized_weight_sqnr_db, quantized_weight_sqnr_sums
 from .layouts import (
+    OnlineQuantTensor,
     as_quantized_weight,
     is_online_quant,
     packed_nbytes,
@@ -52,6 +54,18 @@ from .load_state import LoadState, defers_checks, non_finite_weight_error, to_qu
 from .report import LayerRecord
 
 log = logging.getLogger(__name__)
+
+
+def _owned(weight: OnlineQuantTensor, dtype: torch.dtype) -> OnlineQuantTensor:
+    """A packed weight whose data and scale are in memory it owns (a packed file's are lazily read
+    tensors, read here once: bit for bit what the file holds), with `dtype` as its logical dtype
+    (the layer's, which ComfyUI chose for this device)."""
+
+    def owned(t: torch.Tensor) -> torch.Tensor:
+        return t.materialize() if hasattr(t, "materialize") else t
+
+    params = dataclasses.replace(weight._params, scale=owned(weight._params.scale), orig_dtype=dtype)
+    return OnlineQuantTensor(owned(weight._qdata), weight._layout_cls, params)
 
 
 class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
@@ -114,10 +128,30 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         decision = state.plan.decision(name) if state.plan is not None else None
         before = weight.numel() * weight.element_size()
 
-        if isinstance(weight, QuantizedTensor):  # a state_dict() of a quantized model, reloaded
+        if is_online_quant(weight):  # packed in the file (nodes/packed.py), or a state_dict() reloaded
+            self.weight = torch.nn.Parameter(
+                _owned(weight, self._oq_dtype).to(device=state.packed_device or target), requires_grad=False
+            )
+            self._oq_format, self._oq_compute = weight._params.format, weight._params.compute
+            reason = decision.reason if decision is not None else "already quantized"
+            source = decision.source if decision is not None else "file"
+            state.records.append(
+                LayerRecord(
+                    name,
+                    self.out_features,
+                    self.in_features,
+                    True,
+                    reason,
+                    source,
+                    before,
+                    packed_nbytes(self.weight),
+                    None,
+                    self._oq_compute,
+                )
+            )
+        elif isinstance(weight, QuantizedTensor):  # another layout: kept as ComfyUI made it
             self.weight = torch.nn.Parameter(weight.to(device=target), requires_grad=False)
-            self._oq_format = weight._params.format if is_online_quant(weight) else None
-            self._oq_compute = weight._params.compute if is_online_quant(weight) else "auto"
+            self._oq_format, self._oq_compute = None, "auto"
         elif decision is not None and decision.quantize:
             self._oq_compute = state.compute_for(decision)
             self.weight = torch.nn.Parameter(self._quantize(name, weight, target, state), requires_grad=False)

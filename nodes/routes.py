@@ -66,6 +66,7 @@ class HeaderInfo:
     dtype_bytes: int
     tensors: int
     file_size: int
+    packed: Any = None  # quant.checkpoint.PackedFileInfo of a "Save Quantized Model" file, else None
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -95,7 +96,7 @@ def _model_path(name: str) -> str:
 
 def _read_header_info(path: str, name: str) -> HeaderInfo:
     """Parse the header (worker thread), capped at MAX_HEADER_BYTES; cached by (path, mtime, size)."""
-    from ..quant.checkpoint import classify_checkpoint, read_header
+    from ..quant.checkpoint import classify_checkpoint, read_header, read_packed_info
     from ..quant.errors import CheckpointError, HeaderTooLargeError
 
     st = os.stat(path)
@@ -107,6 +108,7 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
             return hit
     try:
         header = read_header(path, max_header_bytes=MAX_HEADER_BYTES)
+        packed = read_packed_info(header)  # the plan a saved quantized file carries
     except HeaderTooLargeError as e:
         raise RouteError(413, f"{name}: {e.reason}") from None
     except CheckpointError as e:
@@ -122,6 +124,7 @@ def _read_header_info(path: str, name: str) -> HeaderInfo:
         _DTYPE_BYTES.get(dtype, 2),
         len(header.tensors),
         header.file_size,
+        packed,
     )
     with _cache_lock:
         _cache[key] = info
@@ -154,7 +157,9 @@ def _plan_json(
         "errors": [],
     }
     try:
-        cp = plan_checkpoint(info.shapes, fmt, ignore, min_out_features=min_out, kind=info.kind, file=name)
+        cp = plan_checkpoint(
+            info.shapes, fmt, ignore, min_out_features=min_out, kind=info.kind, file=name, packed=info.packed
+        )
     except CheckpointError as e:
         raise RouteError(422, f"{name}: {e.reason}", kind="checkpoint", format=fmt, **extra) from None
     except PatternError as e:

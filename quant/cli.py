@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoint import classify_checkpoint, iter_tensors, read_header
+from .checkpoint import classify_checkpoint, iter_tensors, read_header, read_packed_info
 from .demo import pick_device, run_demo
 from .errors import OnlineQuantError
 from .errors import UsageError as UserError
@@ -78,12 +78,20 @@ def _plan_inputs(args) -> tuple[dict, str, object, object]:
 def run_plan(args: argparse.Namespace, out=print) -> QuantPlan:
     shapes, what, header, kind = _plan_inputs(args)
     ignore = _read_ignore(args.ignore)
+    packed = read_packed_info(header) if header is not None else None  # a saved quantized file's plan
     cp = plan_checkpoint(
-        shapes, args.format, ignore, family=args.family, min_out_features=args.min_out, kind=kind, file=what
+        shapes,
+        args.format,
+        ignore,
+        family=args.family,
+        min_out_features=args.min_out,
+        kind=kind,
+        file=what,
+        packed=packed,
     )
     plan = cp.plan
     sqnr: dict[str, float] = {}
-    if args.measure and cp.quantize:
+    if args.measure and cp.quantize and packed is None:
         sqnr = _measure(args.file, header, plan, args.device)
     if args.json:
         d = plan.to_dict()

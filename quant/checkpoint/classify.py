@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .header import SafetensorsHeader, TensorEntry
+from .packed_file import META_FORMAT, META_VERSION, is_packed_file
 
 _FP8 = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 _PLAIN_FLOAT = {"BF16", "F16", "F32", "F64"}
@@ -19,6 +20,8 @@ class CheckpointKind:
 
     kind:
       "plain"        bf16/fp16/fp32 Linear weights: quantize online as usual;
+      "online_quant" saved by this pack's "Save Quantized Model" (quant/checkpoint/packed_file.py):
+                     the loader reads its packed weights as they are, no quantization;
       "comfy_quant"  ComfyUI's own mixed-precision file (`<layer>.comfy_quant` tensors or the
                      `_quantization_metadata` entry): ComfyUI loads it as is;
       "scaled_fp8"   ComfyUI's older scaled-FP8 file (`scaled_fp8` marker / `.scale_weight`):
@@ -28,9 +31,9 @@ class CheckpointKind:
       "mxfp4"        already packed MXFP4 / FP4 (F4 or F8_E8M0 tensors, uint8 codes with block
                      scales, `_blocks`/`_scales`): ComfyUI cannot load it; needs the bf16 file;
       "int"          integer-quantized (GPTQ/AWQ `qweight`, bitsandbytes `absmax`): same.
-    comfyui_loads: whether ComfyUI's plain loader can load the file as it is (then the loader
-      loads it without online quantization and reports `note`); otherwise the loader raises
-      `CheckpointError` with `note`.
+    comfyui_loads: whether the loader can load the file as it is (ComfyUI's plain loader, or for
+      "online_quant" this pack's own reader): then it loads without online quantization and
+      reports `note`; otherwise the loader raises `CheckpointError` with `note`.
     """
 
     kind: str
@@ -47,6 +50,8 @@ class CheckpointKind:
         if not self.prequantized:
             return self.detail
         ex = f" (e.g. {', '.join(self.examples[:3])})" if self.examples else ""
+        if self.kind == "online_quant":
+            return f"loaded pre-quantized ({self.detail}) — no quantization"
         if self.comfyui_loads:
             return (
                 f"file is already quantized: {self.detail}{ex}; loaded as it is, without online "
@@ -65,11 +70,15 @@ def _linear_weights(h: SafetensorsHeader) -> list[TensorEntry]:
 def classify_checkpoint(header: SafetensorsHeader) -> CheckpointKind:
     """Tell plain bf16/fp16 files from files that are already quantized, from the header alone.
 
-    Checked in this order (the first match wins): ComfyUI `comfy_quant` markers, ComfyUI
-    `scaled_fp8` markers, NVFP4, MXFP4/FP4 packing, integer quantization, FP8 weights.
+    Checked in this order (the first match wins): this pack's packed files (which also carry
+    ComfyUI's table, for stock ComfyUI), ComfyUI `comfy_quant` markers, ComfyUI `scaled_fp8`
+    markers, NVFP4, MXFP4/FP4 packing, integer quantization, FP8 weights.
     """
     names = list(header.tensors)
     meta = header.metadata
+    if is_packed_file(meta):
+        detail = f"format {meta.get(META_FORMAT, '?')}, file format version {meta[META_VERSION]}"
+        return CheckpointKind("online_quant", detail, ("__metadata__." + META_VERSION,))
 
     def ex(pred) -> tuple[str, ...]:
         return tuple(n for n in names if pred(n))[:3]

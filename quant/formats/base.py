@@ -67,6 +67,9 @@ class WeightFormat:
     kind: str
     computes: tuple[str, ...]
     description: str = ""
+    # The name ComfyUI's own loader (`QUANT_ALGOS`, `_quantization_metadata`) gives this exact
+    # storage, when it reads it as this format computes; "" when stock ComfyUI cannot read it.
+    comfyui_name: str = ""
 
     def quantize(self, w: torch.Tensor, *, check_finite: bool = True) -> QuantizedWeight:
         """check_finite=False skips the NaN/Inf check (a device-to-host synchronisation): the
@@ -82,6 +85,13 @@ class WeightFormat:
         raise NotImplementedError
 
     def packed_nbytes(self, out_features: int, in_features: int) -> int:
+        raise NotImplementedError
+
+    def packed_layout(
+        self, out_features: int, in_features: int
+    ) -> tuple[tuple[tuple[int, ...], torch.dtype], tuple[tuple[int, ...], torch.dtype]]:
+        """((data shape, data dtype), (scale shape, scale dtype)) of a packed [N, K] weight: what
+        `quantize` returns, so a file's packed tensors can be checked before they are used."""
         raise NotImplementedError
 
     def dequantize_rows(self, qw: QuantizedWeight, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:

@@ -166,6 +166,10 @@ class Fp8Format(WeightFormat):
         scales = out_features if self.granularity == "channel" else 1
         return out_features * in_features + 4 * scales
 
+    def packed_layout(self, out_features: int, in_features: int):
+        scale = (out_features, 1) if self.granularity == "channel" else ()
+        return ((out_features, in_features), self.dtype), (scale, torch.float32)
+
 
 FP8_COMPUTES = ("w8a8", "w8a16")
 _COMMON = {"bits_per_weight": 8.0, "min_in_multiple": 1, "kind": "fp8", "computes": FP8_COMPUTES}
@@ -197,6 +201,8 @@ register_format(
         granularity="tensor",
         **_COMMON,
         description="FP8 e4m3fn, one fp32 scale per tensor (as ComfyUI's scaled fp8)",
+        # ComfyUI's float8_e4m3fn layout: a scalar fp32 `weight_scale`, dequantized as q * scale
+        comfyui_name="float8_e4m3fn",
     ),
 )
 

@@ -298,6 +298,12 @@ class Mxfp4Format(WeightFormat):
     def packed_nbytes(self, out_features: int, in_features: int) -> int:
         return out_features * (in_features // 2 + in_features // MX_BLOCK_SIZE)
 
+    def packed_layout(self, out_features: int, in_features: int):
+        return (
+            ((out_features, in_features // 2), torch.uint8),
+            ((out_features, in_features // MX_BLOCK_SIZE), torch.uint8),
+        )
+
 
 MXFP4_COMPUTES = ("w4a4", "w4a8", "w4a16")
 _COMMON = {

@@ -5,6 +5,9 @@ The loader node, the web preview and the CLI all call `plan_checkpoint` and diff
 they show the result, so a file is either planned the same way by all three or refused by all
 three with the same message (what the file is, and what to use instead):
 - already quantized: loaded as it is when ComfyUI reads its format (a note), else refused;
+- saved by this pack's "Save Quantized Model" (`packed`): the plan saved in the file, its packed
+  layers loaded as they are; the loader's format and ignored layers do not apply (a warning when
+  they ask for something else);
 - a layout ComfyUI does not load (diffusers names, a bare ``diffusion_model.`` prefix): refused;
 - a forced family whose default patterns match none of the file's layers: a warning;
 - ``quantization`` "none": every Linear kept, as a plain load does.
@@ -15,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..checkpoint import CheckpointKind, classify_checkpoint, read_header
+from ..checkpoint import CheckpointKind, PackedFileInfo, classify_checkpoint, read_header, read_packed_info
+from ..checkpoint.packed_file import logical_shapes
 from ..errors import CheckpointError
+from ..formats import get_format
 from ..models import default_rules, describe_model, detect_family, get_family, unloadable_layout
 from .layers import linears_from_shapes
-from .plan import QuantPlan, keep_all_plan
+from .plan import LayerDecision, QuantPlan, keep_all_plan
 from .user_text import plan_from_text
 
 NO_QUANTIZATION = "none"
@@ -51,10 +56,14 @@ def plan_checkpoint(
     min_out_features: int = 256,
     kind: CheckpointKind | None = None,
     file: str = "the file",
+    packed: PackedFileInfo | None = None,
 ) -> CheckpointPlan:
     """Plan `file` (its header's `{tensor name: shape}`; `kind` from `classify_checkpoint` when the
-    header is known). Raises CheckpointError (naming `file`) for a file ComfyUI will not load,
-    PatternError for a bad pattern (naming the user's line), ValueError for an unknown format."""
+    header is known; `packed` from `read_packed_info` for a file of "Save Quantized Model").
+    Raises CheckpointError (naming `file`) for a file ComfyUI will not load, PatternError for a
+    bad pattern (naming the user's line), ValueError for an unknown format."""
+    if packed is not None:
+        return _packed_plan(packed, shapes, format, ignore_text)
     names = list(shapes)
     if len(names) > MAX_TENSORS:
         why = (
@@ -111,6 +120,47 @@ def plan_checkpoint(
     )
 
 
+def _packed_plan(
+    packed: PackedFileInfo, shapes: Mapping[str, Sequence[int]], format: str, ignore_text: str | None
+) -> CheckpointPlan:
+    """The plan a packed file was saved with: its packed layers loaded as they are (never quantized
+    again), its other Linear layers kept. A request for another format, or for none, does not
+    change what is loaded (the file holds no high-precision copy to quantize): it is loaded as
+    saved, with a warning that says so and where the bf16 file is."""
+    logical = logical_shapes(packed, shapes)
+    names = list(logical)
+    detected = detect_family(names, logical)
+    decisions = []
+    for li in linears_from_shapes(logical):
+        p = packed.layers.get(li.name)
+        why = (
+            f"pre-quantized in the file ({p.format}, compute {p.compute})" if p else "kept when it was saved"
+        )
+        decisions.append(LayerDecision(li.name, li.out_features, li.in_features, p is not None, why, "file"))
+    fam = packed.family if packed.family else detected
+    plan = QuantPlan(packed.format, fam, decisions, ignore_text=ignore_text or "")
+    notes = [
+        f"loaded pre-quantized ({packed.describe()}) — no quantization; its plan "
+        f"(sha256 {packed.plan_hash[:12]}) was fixed when it was saved, so ignored_layers, "
+        "min_out_features and keep_sensitive do not apply"
+    ]
+    warnings = []
+    source = f" ({packed.source})" if packed.source else ""
+    if format == NO_QUANTIZATION:
+        warnings.append(
+            f"quantization 'none' asked for, but this file holds {packed.format} weights and no "
+            f"bf16 copy: loaded as saved ({packed.format}); load the bf16 source file{source} for "
+            "an unquantized model"
+        )
+    elif get_format(format).name not in packed.format.split(","):
+        warnings.append(
+            f"quantization {format!r} asked for, but this file was saved as {packed.format}: loaded as "
+            f"saved ({packed.format}), not converted; to get {format}, load the bf16 source "
+            f"file{source} with this loader"
+        )
+    return CheckpointPlan(fam, detected, describe_model(names, logical), plan, True, False, notes, warnings)
+
+
 def plan_file(
     path: str, format: str, ignore_text: str | None, *, min_out_features: int = 256, file: str | None = None
 ) -> CheckpointPlan:
@@ -124,6 +174,7 @@ def plan_file(
         min_out_features=min_out_features,
         kind=classify_checkpoint(header),
         file=file or path,
+        packed=read_packed_info(header),
     )
 
 

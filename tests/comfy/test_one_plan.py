@@ -91,7 +91,28 @@ def files(comfyui_path, tmp_path_factory):
     )
     save_file(mx, str(d / "packed_mxfp4.safetensors"))
     out["packed MXFP4"] = d / "packed_mxfp4.safetensors"
+    out["saved by Save Quantized Model"] = _write_saved_mxfp4(sd, d / "saved_mxfp4.safetensors")
     return out
+
+
+def _write_saved_mxfp4(sd: dict, path):
+    """A file as Save Quantized Model writes it: the Linear weights of 256 outputs or more packed
+    as MXFP4, the rest kept (quant/checkpoint/packed_file.py)."""
+    from quant.checkpoint.packed_file import packed_file_contents, write_packed_file
+    from quant.formats import get_format
+
+    linear = {k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2}
+    packed = {
+        n: (get_format("mxfp4").quantize(sd[f"{n}.weight"]), "auto")
+        for n in linear
+        if sd[f"{n}.weight"].shape[0] >= 256
+    }
+    plain = {k: v for k, v in sd.items() if k[: -len(".weight")] not in packed}
+    tensors, meta = packed_file_contents(
+        plain, packed, linear - set(packed), family="wan21", dtype=torch.bfloat16
+    )
+    write_packed_file(path, tensors, meta)
+    return path
 
 
 def _from_cli(path, fmt, text, capsys) -> tuple[str, object]:
@@ -131,6 +152,7 @@ VARIANTS = [
     "plain F8_E4M3",
     "scaled_fp8",
     "packed MXFP4",
+    "saved by Save Quantized Model",
 ]
 
 
@@ -163,6 +185,9 @@ def test_what_each_variant_does(files, mods, capsys):
         assert got[v][0] == "refused", v
     assert "Comfy-Org" in got["diffusers Z-Image"][1] and "z_image_turbo_bf16" in got["diffusers Z-Image"][1]
     assert "Comfy-Org" in got["diffusers Wan"][1]
+    saved = got["saved by Save Quantized Model"]
+    assert saved[0] == "plan" and "blocks.0.ffn.0" in saved[1][0] and "head.head" not in saved[1][0]
+    assert saved[1][1][0].startswith("loaded pre-quantized (format mxfp4, file format version 1)")
     for v in ("plain F8_E4M3", "scaled_fp8"):
         assert (
             got[v][0] == "plan" and got[v][1][0] == [] and any("loaded as it is" in n for n in got[v][1][1])

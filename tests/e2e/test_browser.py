@@ -233,9 +233,17 @@ def test_live_plan_preview(page, srv):
             return {values: n.serialize().widgets_values, inputs: Object.keys(p.output[String(n.id)].inputs)};
         }"""
     )
-    assert len(saved["values"]) == 6 and "x_embedder" in saved["values"][2]
+    assert len(saved["values"]) == 7 and "x_embedder" in saved["values"][2] and saved["values"][6] is False
     assert sorted(saved["inputs"]) == sorted(
-        ["unet_name", "quantization", "ignored_layers", "min_out_features", "compute_dtype", "keep_sensitive"]
+        [
+            "unet_name",
+            "quantization",
+            "ignored_layers",
+            "min_out_features",
+            "compute_dtype",
+            "keep_sensitive",
+            "quantized_cache",
+        ]
     )
     assert not page.errors, page.errors
 

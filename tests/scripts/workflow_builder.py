@@ -107,9 +107,9 @@ def loader(g: Graph, pos, unet: str, repo: str, fmt: str, title=None) -> dict:
     return g.node(
         "OnlineQuantDiffusionLoader",
         pos,
-        [unet, fmt, AUTO_IGNORE, 256, "auto", "none"],
+        [unet, fmt, AUTO_IGNORE, 256, "auto", "none", False],
         outputs=[("MODEL", "MODEL"), ("report", "STRING")],
-        size=(400, 380),
+        size=(400, 404),
         title=title,
         models=[model_entry(unet, repo, "diffusion_models")],
     )

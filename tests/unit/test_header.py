@@ -311,3 +311,23 @@ def test_lazy_state_dict_truncated_file_raises_checkpoint_error(tmp_path):
     os.truncate(p, os.path.getsize(p) - 100)
     with pytest.raises(CheckpointError, match="file ended while reading tensor 'b'"):
         sd["b"] + 0
+
+
+@pytest.mark.parametrize(
+    "attr", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"]
+)
+def test_all_finite_finds_every_non_finite_float8_byte(attr):
+    """all_finite's float8 check (reductions over the bytes) against the values themselves, for every
+    one of the 256 bytes, alone and among finite bytes at either end of a tensor."""
+    from quant.checkpoint.reader import all_finite
+
+    dtype = getattr(torch, attr, None)
+    if dtype is None:
+        pytest.skip(f"this torch has no {attr}")
+    every = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = every[torch.isfinite(every.float())]
+    for b in range(256):
+        t = torch.tensor([b], dtype=torch.uint8).view(dtype)
+        expected = bool(torch.isfinite(t.float()).all())
+        assert all_finite(t) == expected, (attr, hex(b))
+        assert all_finite(torch.cat([finite, t, finite])) == expected, (attr, hex(b))
