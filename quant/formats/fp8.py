@@ -19,8 +19,10 @@ from .base import QuantizedWeight, WeightFormat, register_format
 GRANULARITIES = ("channel", "tensor")
 FP8_DTYPES = tuple(FP8_MAX)
 
-# Rows per chunk are chosen so each fp32 temporary stays around 4 MiB.
-_CHUNK_ELEMS = 1 << 20
+# Rows per chunk are chosen so each fp32 temporary stays around 16 MiB: small next to any model,
+# yet large enough that on a CPU the allocator does not hand each temporary back to the OS and
+# page-fault it in again (4 MiB chunks made an [14336x3072] weight 3.5x slower to quantize).
+_CHUNK_ELEMS = 1 << 22
 
 
 def fp8_max(dtype: torch.dtype) -> float:

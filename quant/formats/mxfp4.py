@@ -62,8 +62,10 @@ from .base import QuantizedWeight, WeightFormat, register_format
 ROUNDING_MODES = ("even", "even_ties_away", "floor", "ceil")
 _AITER_SCALE = ("even", "even_ties_away")  # modes with AITER's amax-rounding scale rule
 
-# Elements per chunk: 1 Mi fp32 = 4 MiB per temporary; large enough that Python overhead is noise.
-_CHUNK_ELEMS = 1 << 20
+# Elements per chunk: 8 Mi fp32 = 32 MiB per temporary (a few at a time): small next to any model,
+# and large enough that on a CPU the temporaries are reused rather than page-faulted in afresh
+# each chunk (1 Mi made a [14336x3072] weight 2x slower to quantize).
+_CHUNK_ELEMS = 1 << 23
 
 _MANT_MASK = 0x007FFFFF
 _NATIVE = (torch.float32, torch.bfloat16, torch.float16)  # dtypes quantized without an fp32 copy
