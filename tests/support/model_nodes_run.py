@@ -46,7 +46,9 @@ def _read(case: Case, output_dir: Path, ui: dict) -> object:
     tensors = load_file(str(_saved(output_dir, case.out)))
     if case.kind == "latent":
         return tensors["latent_tensor"].float()
-    return {k: v.float() for k, v in tensors.items()}
+    # a checkpoint's CLIP and VAE are the test's own: only the diffusion model's tensors are judged
+    model = {k: v.float() for k, v in tensors.items() if "diffusion_model." in k}
+    return model or {k: v.float() for k, v in tensors.items()}
 
 
 def _drop(prompt: dict, case: Case) -> None:

@@ -90,6 +90,8 @@ NOTES = {
     "SamplingPercentToSigma": "the sigma it returns",
     "AddNoise": "noise scaled by the model's sigmas: the weights take no part",
     "ModelMergeAdd": "model2 is ModelMergeSubtract(model2, model1), the difference such merges add",
+    "ModelMergeSubtract": "model1 minus its fine-tune: weights near zero, an output that hardly depends "
+    "on them",
     "TorchCompileModel": "Inductor on the CPU; against the plain graph unquantized (compiling must not "
     "change the result; compiling the unquantized models too would add some 40 s)",
     "DifferentialDiffusion": "on a latent with a noise mask of 0.95, 4 steps",
