@@ -14,6 +14,7 @@ exist here); anything else is broken and fails the test.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import helpers_models as hm
 import pytest
@@ -32,28 +33,15 @@ ZIMAGE_LORA = "oq_test_lora_zimage.safetensors"
 TAESD = "oq_tiny_taesd.safetensors"
 
 # A tiny Z-Image is a NextDiT with Z-Image's options at width 256; ComfyUI detects Z-Image at width
-# 3840 only (and the pack, as ComfyUI, calls other widths generic). This server-side node teaches
-# ComfyUI's detector the tiny width and makes its ZImage config (shift 3, Z-Image's text encoder)
-# the one chosen, as tests/support/helpers_models.zimage_detection does in-process.
+# 3840 only (and the pack, as ComfyUI, calls other widths generic). This server-side node installs
+# tests/support/zimage_detect.py in the server, as helpers_models.zimage_detection does in-process.
 ZIMAGE_NODE = """
-import comfy.model_detection as md
-import comfy.supported_models as sm
+import sys
 
-CONFIG = {config!r}
-_detect = md.detect_unet_config
+sys.path.insert(0, {support!r})
+import zimage_detect
 
-
-def detect(state_dict, key_prefix, metadata=None):
-    cfg = _detect(state_dict, key_prefix, metadata=metadata)
-    if cfg and cfg.get("image_model") == "lumina2" and "n_heads" not in cfg and cfg["dim"] % 128 == 0:
-        keep = ("in_channels", "patch_size", "dim", "n_layers", "cap_feat_dim")
-        cfg.update({{k: v for k, v in CONFIG.items() if k not in keep}})
-        cfg["n_heads"] = cfg["n_kv_heads"] = cfg["dim"] // 128
-    return cfg
-
-
-md.detect_unet_config = detect
-sm.ZImage.unet_config = {{"image_model": "lumina2", "z_image_modulation": True}}
+zimage_detect.install_in_server({config!r})
 NODE_CLASS_MAPPINGS = {{}}
 """
 
@@ -178,7 +166,8 @@ def server(comfyui_path, tmp_path_factory):
     _write_lora(models / "loras" / ZIMAGE_LORA, _zimage_lora_layers(zimage))
     hm.save_model(_finetuned(zimage, 3), diffusion / "zimage_tiny_b.safetensors")
     _write_taesd(models / "vae" / TAESD)
-    (base / "custom_nodes" / "oq_test_zimage.py").write_text(ZIMAGE_NODE.format(config=hm.ZIMAGE_CONFIG))
+    zimage_node = ZIMAGE_NODE.format(support=str(Path(hm.__file__).parent), config=hm.ZIMAGE_CONFIG)
+    (base / "custom_nodes" / "oq_test_zimage.py").write_text(zimage_node)
     (base / "custom_nodes" / "oq_test_clip.py").write_text(CLIP_NODE)
     srv = start_comfy_server(comfyui_path, base)
     try:
