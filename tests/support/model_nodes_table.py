@@ -36,9 +36,10 @@ class Verdict:
 
 
 def _short(o: Outcome, n: int = 140) -> str:
+    """The error on one line, with the node that raised it (the case's node, or what ran after it)."""
     msg = " ".join(o.error.split())
     msg = msg if len(msg) <= n else msg[: n - 1] + "…"
-    return f"{o.error_type.rsplit('.', 1)[-1]}: {msg}"
+    return f"{o.error_type.rsplit('.', 1)[-1]} in {o.stage}: {msg}"
 
 
 def is_refusal(o: Outcome) -> bool:
