@@ -36,6 +36,7 @@ import torch
 from comfy.quant_ops import QuantizedTensor, register_layout_class, register_layout_op
 from comfy_kitchen.tensor.base import BaseLayoutParams, QuantizedLayout
 
+from ..quant.errors import PackedWeightError
 from ..quant.formats import QuantizedWeight, get_format
 from ..quant.matmul.linear import quantized_linear
 
@@ -116,6 +117,22 @@ class OnlineQuantTensor(QuantizedTensor):
     @property
     def nbytes(self) -> int:
         return self._qdata.nbytes + self._params.scale.nbytes
+
+    def data_ptr(self) -> int:
+        # comfy-kitchen answers the packed data's address, and code that reads a tensor's memory as
+        # its logical dtype and shape (safetensors' save_file, e.g. LoraSave's full_diff) would
+        # write the packed bytes and then whatever memory follows them. ComfyUI reads no address of
+        # ours (it pins only tensors of its own type names), so none is given.
+        def described(shape, dtype) -> str:
+            return "x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")
+
+        logical = described(self.shape, self._params.orig_dtype)
+        packed = described(self._qdata.shape, self._qdata.dtype)
+        raise PackedWeightError(
+            f"a quantized weight has no plain memory to read or write ({self._params.format}: {logical} "
+            f"packed into {packed} and a scale): dequantize() it first. ModelSave, CheckpointSave and "
+            "LoraSave's 'standard' type save a quantized model dequantized; its 'full_diff' type cannot"
+        )
 
     def _copy_with(self, qdata=None, params=None, clone_params=True) -> OnlineQuantTensor:
         if params is None:

@@ -42,6 +42,12 @@ class HeaderTooLargeError(CheckpointError):
     The web preview answers HTTP 413 for it; loading a model uses the format's own 100 MB limit."""
 
 
+class PackedWeightError(OnlineQuantError, RuntimeError):
+    """Code asked for a quantized weight's memory as plain values of its logical dtype and shape
+    (safetensors' `save_file` does, through `data_ptr()`): that memory holds packed data, so the
+    weight must be dequantized first. The message names the format and the shapes."""
+
+
 class AttentionUnsupportedError(OnlineQuantError, ValueError):
     """The FP8 attention kernel can't take this call (mask, dtype, head dim, device...); the
     message says why. Callers fall back to their own attention function."""

@@ -91,3 +91,25 @@ def test_model_save_after_lora_saves_the_patched_weights(mods, wan_file, tmp_pat
     saved = comfy.utils.load_torch_file(path)[f"model.diffusion_model.{key}.weight"]
     assert hm.rel_err(before, saved) > 0.01  # the LoRA is in the file
     assert torch.equal(before, after)  # and no longer in the cached model
+
+
+def test_raw_bytes_of_a_quantized_weight_are_refused(mods, wan_file, tmp_path):
+    """Code that writes a state dict as it is (safetensors' save_file: LoraSave's full_diff does)
+    gets the pack's error naming the weight's packing, not a file of packed bytes declared bf16
+    followed by the memory after them; what ComfyUI's saves go through (state_dict_for_saving,
+    dequantize()) is unchanged."""
+    from safetensors.torch import save_file
+
+    errors = hm.import_submodules(mods, "quant.errors").quant.errors
+    mp, rep = mods.nodes.loader.load_quantized(str(wan_file), "mxfp4", "", compute_dtype="bf16")
+    name = rep.quantized()[0].name
+    w = comfy.utils.get_attr(mp.model.diffusion_model, f"{name}.weight")
+    out = tmp_path / "raw.safetensors"
+    for value in (w, w.half(), mp.model.diffusion_model.state_dict()[f"{name}.weight"]):
+        with pytest.raises(
+            errors.PackedWeightError, match=r"mxfp4: \d+x\d+ b?float16 packed into \d+x\d+ uint8"
+        ):
+            save_file({"w": value.contiguous()}, str(out))
+    assert not out.exists()
+    save_file({"w": w.dequantize().contiguous()}, str(out))
+    assert torch.equal(comfy.utils.load_torch_file(str(out))["w"], w.dequantize())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 import uuid
 
 import helpers_models as hm
@@ -96,12 +95,13 @@ LORA_LAYERS = {
 }
 
 
-def _write_lora(path) -> None:
+def _write_lora(path, layers: dict[str, tuple[int, int]] = LORA_LAYERS) -> None:
+    """A LoRA of rank LORA_RANK on `layers` (name -> (out, in) features), ComfyUI's key format."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(21)
     sd = {}
-    for name, (n, k) in LORA_LAYERS.items():
+    for name, (n, k) in layers.items():
         sd[f"diffusion_model.{name}.lora_up.weight"] = (torch.randn(n, LORA_RANK, generator=g) * 0.3).to(
             torch.bfloat16
         )
@@ -231,18 +231,10 @@ def _latent(server, prefix: str) -> torch.Tensor:
 def _run(server, prompt: dict, timeout_s: float = 120.0) -> dict:
     status, body = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
     assert status == 200, f"/prompt -> {status}: {body}"
-    pid = body["prompt_id"]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        hist = server.get_json(f"/history/{pid}")
-        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-            entry = hist[pid]
-            if entry["status"].get("status_str") == "success":
-                return entry
-            raise AssertionError(f"prompt failed: {entry['status']}\n{server.log_tail()}")
-        assert server.alive(), server.log_tail()
-        time.sleep(0.5)
-    raise AssertionError(f"prompt {pid} did not finish in {timeout_s}s\n{server.log_tail()}")
+    entry = server.wait_for(body["prompt_id"], timeout_s)
+    if entry["status"].get("status_str") != "success":
+        raise AssertionError(f"prompt failed: {entry['status']}\n{server.log_tail()}")
+    return entry
 
 
 @pytest.mark.parametrize("fmt,backend", [("fp8_e4m3fn", "sdpa"), ("mxfp4", "auto")])

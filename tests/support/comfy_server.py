@@ -105,6 +105,19 @@ class ComfyServer:
         status, body = self.request(path, data=data, timeout=timeout)
         return status, (json.loads(body) if body else None)
 
+    def wait_for(self, prompt_id: str, timeout_s: float = 120.0) -> dict:
+        """The /history entry of a queued prompt once it completed, succeeded or failed (its
+        status_str says which); AssertionError with the log's tail if the server died or the
+        prompt did not finish in `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            hist = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                return hist[prompt_id]
+            assert self.alive(), self.log_tail()
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout_s}s\n{self.log_tail()}")
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

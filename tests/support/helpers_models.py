@@ -83,19 +83,10 @@ def save_model(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.b
 def zimage_detection():
     """Let ComfyUI's detector configure a small-width Z-Image like the real one (dim 3840)."""
     import comfy.model_detection as md
+    from zimage_detect import detector
 
     orig = md.detect_unet_config
-
-    def detect(state_dict, key_prefix, metadata=None):
-        cfg = orig(state_dict, key_prefix, metadata=metadata)
-        if cfg and cfg.get("image_model") == "lumina2" and "n_heads" not in cfg and cfg["dim"] % 128 == 0:
-            # a width ComfyUI knows no heads for: Z-Image's options with heads of 128
-            keep = ("in_channels", "patch_size", "dim", "n_layers", "cap_feat_dim")
-            cfg.update({k: v for k, v in ZIMAGE_CONFIG.items() if k not in keep})
-            cfg["n_heads"] = cfg["n_kv_heads"] = cfg["dim"] // 128
-        return cfg
-
-    md.detect_unet_config = detect
+    md.detect_unet_config = detector(orig, ZIMAGE_CONFIG)
     try:
         yield
     finally:
