@@ -267,11 +267,19 @@ def _load_quantized(
         log.debug("OnlineQuant %s: %s", name, where)
         ops.load_state.progress = LoadProgress(linear_weight_bytes(sd), name)
 
+    plain_progress = None
+    if ops is None and getattr(sd, "reader", None) is not None:
+        # a plain load: the bar moves (and Cancel works) as the reader reads each tensor
+        plain_progress = LoadProgress(sum(e.nbytes for e in sd.reader.header.tensors.values()), name)
+        sd.reader.on_read = plain_progress.advance_and_check
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
     if patcher is None:
         raise CheckpointError(f"{unet_path}: ComfyUI does not recognise this file as a diffusion model")
     reader = getattr(sd, "reader", None)
     sd = None
+    if plain_progress is not None:
+        reader.on_read = None
+        plain_progress.finish()
     if reader is not None:
         non_finite += reader.non_finite
     if non_finite:

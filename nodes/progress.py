@@ -64,5 +64,10 @@ class LoadProgress:
                 time.perf_counter() - self._t0,
             )
 
+    def advance_and_check(self, nbytes: int) -> None:
+        """`advance`, then stop if Cancel was pressed: for readers that report each tensor."""
+        self.advance(nbytes)
+        self.check()
+
     def finish(self) -> None:
         self._bar.update_absolute(self.total)

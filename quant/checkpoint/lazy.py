@@ -57,6 +57,9 @@ class _Reader:
                         f"{st.st_size} bytes): it is being written; try again when the copy has finished")
         self.lock = threading.Lock()
         self.last: tuple[str, object] | None = None
+        # called with the bytes of each tensor read from the file (a progress bar, which may raise
+        # to cancel: the exception is kept in `error` like a read error, see above)
+        self.on_read = None
 
     def read(self, name: str):
         with self.lock, self._recording():
@@ -66,6 +69,7 @@ class _Reader:
             t = next(_read_entries(self._file(), self.path, self.header, [self.header.tensors[name]]))[1]
             self._check(name, t)
             self.last = (name, t)
+            self._report(self.header.tensors[name].nbytes)
             return t
 
     @contextlib.contextmanager
@@ -112,6 +116,16 @@ class _Reader:
             e = self.header.tensors[name]
             _read_into(self._file(), self.path, self.header, e, dst.detach().reshape(-1).view(torch.uint8))
             self._check(name, dst)
+            self._report(e.nbytes)
+
+    def _report(self, nbytes: int) -> None:
+        if self.on_read is None:
+            return
+        try:
+            self.on_read(nbytes)
+        except BaseException as e:  # e.g. ComfyUI's interrupt: later reads raise it at once
+            self.error = e
+            raise
 
     def take(self, name: str):
         """The tensor, owned by the caller from now on (the cache lets go of it)."""

@@ -103,9 +103,8 @@ def test_interrupt_stops_the_load_between_layers_and_frees_it(mods, wan_big_file
     # ComfyUI keeps the exception (and its traceback) too
     with pytest.raises(mm.InterruptProcessingException) as kept, torch.inference_mode():
         mods.nodes.loader.load_quantized(str(wan_big_file), "fp8_e4m3fn", "", compute_dtype="bf16")
-    latency = time.perf_counter() - asked["t"]
+    latency = time.perf_counter() - asked["t"]  # printed below; speed is not asserted in tests
     assert len(progress_hook) < n_total / 2  # stopped early
-    assert latency < 1.0, latency
     assert not mm.processing_interrupted()  # the flag is consumed: the next run is not cancelled
     assert _live_packed_tensors(mods) == before  # nothing of the partial model survives
     assert kept.value is not None
@@ -114,3 +113,31 @@ def test_interrupt_stops_the_load_between_layers_and_frees_it(mods, wan_big_file
         mp, rep = mods.nodes.loader.load_quantized(str(wan_big_file), "fp8_e4m3fn", "", compute_dtype="bf16")
     assert len(rep.quantized()) > 0
     print(f"cancel latency {latency * 1000:.0f} ms")
+
+
+def test_a_plain_load_moves_the_bar_and_can_be_cancelled(mods, wan_big_file, progress_hook):
+    """quantization 'none': the reader reports each tensor it reads (all of the file's bytes), and
+    ComfyUI's interrupt stops the load there, the flag consumed for the next run."""
+    from safetensors import safe_open
+
+    with safe_open(str(wan_big_file), "pt") as f:
+        total = sum(f.get_tensor(k).nbytes for k in f.keys())  # noqa: SIM118  (not a dict)
+    mp, rep = mods.nodes.loader.load_quantized(str(wan_big_file), "none", "", compute_dtype="bf16")
+    values = [v for v, _ in progress_hook]
+    assert {t for _, t in progress_hook} == {total}
+    assert values == sorted(values) and values[-1] == total and len(values) > 10
+    n_total = len(values)
+    del mp
+    mm = comfy.model_management
+    progress_hook.clear()
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        progress_hook.append((value, total))
+        if value > 0.3 * total:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    with pytest.raises(mm.InterruptProcessingException):
+        mods.nodes.loader.load_quantized(str(wan_big_file), "none", "", compute_dtype="bf16")
+    assert len(progress_hook) < n_total / 2 and not mm.processing_interrupted()
+
