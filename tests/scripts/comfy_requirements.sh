@@ -13,6 +13,8 @@ if [ -z "$comfy" ] && [ -f "$HOME/comfy/ComfyUI/comfy/ops.py" ]; then comfy="$HO
 req="$(mktemp)"
 trap 'rm -f "$req"' EXIT
 grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$req"
+# ComfyUI 0.8.0's server (app/frontend_management.py) imports requests without listing it
+echo requests >> "$req"
 # a no-op (a few seconds) once they are there
 if ! PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q -r "$req" -c requirements-test.txt; then
   echo "could not install the requirements of ComfyUI at $comfy: the ComfyUI tests will skip, saying why" >&2
