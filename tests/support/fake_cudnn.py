@@ -80,17 +80,21 @@ class FakeGraph:
 
     def execute(self, pack, workspace, handle=None):
         self.executions.append(dict(pack))
-        kw = {k: pack[v] if isinstance(v, FakeTensor) else v for k, v in self.sdpa_kwargs.items()}
-        o_t, _, amax_s_t, amax_o_t = self.outputs
         for t, x in pack.items():  # the descriptor the graph holds must describe the memory it gets
             assert list(x.shape) == t.dim and list(x.stride()) == t.stride, (t.name, x.shape, x.stride())
+            # cuDNN takes only the pointer: FP8 memory may come as uint8 (or float8) tensors
+            fp8 = t.data_type == "FP8_E4M3"
+            assert x.dtype in ((torch.uint8, torch.float8_e4m3fn) if fp8 else (torch.float32,)), t.name
+        pack = {t: x.view(torch.float8_e4m3fn) if x.dtype == torch.uint8 else x for t, x in pack.items()}
+        kw = {k: pack[v] if isinstance(v, FakeTensor) else v for k, v in self.sdpa_kwargs.items()}
+        o_t, _, amax_s_t, amax_o_t = self.outputs
         q = kw["q"].float() * kw["descale_q"]
         k = kw["k"].float() * kw["descale_k"]
         v = kw["v"].float() * kw["descale_v"]
         p = torch.softmax(q @ k.transpose(-1, -2) * kw["attn_scale"], dim=-1)
         p = _fp8(p * kw["scale_s"]) * kw["descale_s"]
         o = p @ v
-        pack[o_t].copy_(o * kw["scale_o"])
+        pack[o_t].copy_((o * kw["scale_o"]).clamp(-FP8_MAX, FP8_MAX))  # saturating conversion
         pack[amax_s_t].fill_(float(p.abs().amax()))
         pack[amax_o_t].fill_(float(o.abs().amax()))
 
