@@ -155,6 +155,26 @@ def _fp8_run(q: Tensor, k: Tensor, v: Tensor, pv: str = "fp8") -> Tensor:
     return fp8_attention_bhld(q, k, v, pv=pv)
 
 
+def _cudnn_fp8_available() -> str | None:
+    from ..quant.attention.cudnn_fp8 import runtime_unavailable_reason
+
+    return runtime_unavailable_reason()
+
+
+def _cudnn_fp8_unsupported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> str | None:
+    from ..quant.attention.cudnn_fp8 import unsupported_reason
+
+    if q.device.type != "cuda":
+        return f"tensors on {q.device.type} (cudnn_fp8 needs an NVIDIA GPU)"
+    return unsupported_reason(q, k, v, mask)
+
+
+def _cudnn_fp8_run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from ..quant.attention.cudnn_fp8 import cudnn_fp8_attention
+
+    return cudnn_fp8_attention(q, k, v)
+
+
 def _builtin_backends() -> list[AttentionBackend]:
     return [
         AttentionBackend(  # quant/attention.py; measured in docs/benchmarks.md
@@ -173,6 +193,11 @@ def _builtin_backends() -> list[AttentionBackend]:
         AttentionBackend(
             "flash_attn_3", "FlashAttention 3 (flash_attn_interface), Hopper",
             _fa3_available, _flash_unsupported, _fa3_run,
+        ),
+        AttentionBackend(  # quant/attention/cudnn_fp8.py; `auto` never picks it until it is measured
+            "cudnn_fp8", "cuDNN FP8 flash attention (needs nvidia-cudnn-frontend; NVIDIA Hopper/Blackwell, "
+            "Ada untested): experimental and not yet measured here; per-tensor E4M3 Q/K/V, K smoothed",
+            _cudnn_fp8_available, _cudnn_fp8_unsupported, _cudnn_fp8_run,
         ),
         AttentionBackend(
             "sdpa", "PyTorch scaled_dot_product_attention (PyTorch picks the kernel)",
@@ -196,7 +221,8 @@ def backend_choices() -> list[str]:
 
 def resolve_auto() -> tuple[str, str]:
     """(backend, reason) for `auto`: FA2 on ROCm when flash_attn imports; cuDNN SDPA on NVIDIA
-    Hopper and newer (measured 2x FA2 on H100); PyTorch SDPA elsewhere."""
+    Hopper and newer (measured 2x FA2 on H100); PyTorch SDPA elsewhere. Never an FP8 backend:
+    `fp8` was measured no faster, `cudnn_fp8` is not measured yet."""
     if torch.version.hip is not None and _fa2_available() is None:
         return "flash_attn_2", "ROCm with flash-attn installed"
     if torch.cuda.is_available() and torch.version.cuda is not None:

@@ -28,7 +28,9 @@ class OnlineQuantAttention(io.ComfyNode):
                         "NVIDIA Hopper+, "
                         "PyTorch SDPA elsewhere. comfy_default: ComfyUI's own choice. A backend that is not "
                         "installed is an error naming the package. Masked, fp32 or too-large-head calls fall "
-                        "back to ComfyUI's attention (one warning per model)."
+                        "back to ComfyUI's attention (one warning per model). cudnn_fp8: experimental, not "
+                        "yet measured (cuDNN FP8 attention, needs nvidia-cudnn-frontend, Hopper/Blackwell); "
+                        "auto never picks it."
                     ),
                 ),
             ],

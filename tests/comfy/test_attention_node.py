@@ -2,7 +2,8 @@
 skip_reshape, Wan [B,L,H*D]) against SDPA, fallbacks with one warning per model, clear errors
 for backends that are not installed, `auto` resolution. flash-attn is not installed here: its
 dispatch (layout transposes, tuple returns) is exercised through a stand-in module that computes
-with SDPA, registered in sys.modules for the test only."""
+with SDPA, registered in sys.modules for the test only; `cudnn_fp8` through a fake cudnn module
+(tests/support/fake_cudnn.py) passed through the backend's seam."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import sys
 import types
 
+import fake_cudnn
 import helpers_models as hm
 import pytest
 import torch
@@ -168,3 +170,71 @@ def test_registry_takes_a_new_backend(A, monkeypatch):
     (q, k, v), bh = _qkv("blhd")
     out = A.AttentionOverride("toy")(_comfy_attention(), q, k, v, heads=3)
     assert seen and torch.allclose(out, _sdpa_bhld(*bh).transpose(1, 2).reshape(2, 10, 192), atol=1e-5)
+
+
+@pytest.fixture
+def C(pack):
+    hm.import_submodules(pack, "quant.attention.cudnn_fp8")
+    return pack.quant.attention.cudnn_fp8
+
+
+@pytest.fixture
+def fake_cudnn_module(C):
+    m = fake_cudnn.make()
+    C.set_cudnn_module(m)
+    yield m
+    C.set_cudnn_module(None)
+
+
+def _as_nvidia(monkeypatch, cap):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
+
+
+def test_cudnn_fp8_is_offered_but_auto_never_picks_it(A, monkeypatch, fake_cudnn_module):
+    assert "cudnn_fp8" in A.backend_choices()
+    desc = A.ATTENTION_BACKENDS["cudnn_fp8"].description
+    assert "experimental" in desc and "not yet measured" in desc
+    for cap in ((8, 9), (9, 0), (10, 0), (12, 0)):
+        _as_nvidia(monkeypatch, cap)
+        assert (A.ATTENTION_BACKENDS["cudnn_fp8"].available() is None) == (cap >= (9, 0))
+        assert A.resolve_auto()[0] != "cudnn_fp8"
+
+
+class _StubModel:
+    def __init__(self):
+        self.model_options: dict = {}
+        self.model = types.SimpleNamespace()
+
+    def clone(self):
+        return _StubModel()
+
+
+def test_cudnn_fp8_without_the_package_names_it(A, C, pack, monkeypatch):
+    C.set_cudnn_module(None)
+    monkeypatch.setitem(sys.modules, "cudnn", None)  # import cudnn -> ImportError
+    _as_nvidia(monkeypatch, (9, 0))
+    with pytest.raises(pack.quant.errors.BackendUnavailableError, match="nvidia-cudnn-frontend"):
+        A.apply_attention_backend(_StubModel(), "cudnn_fp8")
+
+
+def test_cudnn_fp8_through_the_override_on_the_wan_layout(A, C, monkeypatch, fake_cudnn_module, caplog):
+    func = _comfy_attention()
+    (q, k, v), bh = _qkv("blhd", dtype=torch.bfloat16, length=16, d=64)
+    # on CPU the registered backend falls back to ComfyUI's attention, with one warning
+    with caplog.at_level(logging.WARNING):
+        out = A.AttentionOverride("cudnn_fp8")(func, q, k, v, heads=3)
+    assert torch.equal(out, func(q, k, v, heads=3)) and "cudnn_fp8 needs an NVIDIA GPU" in caplog.text
+    assert not fake_cudnn_module.graphs
+    # the fake runs on CPU: only the device rule is relaxed, the others stay
+    monkeypatch.setattr(A, "ATTENTION_BACKENDS", dict(A.ATTENTION_BACKENDS))
+    A.register_attention_backend(
+        dataclasses.replace(A.ATTENTION_BACKENDS["cudnn_fp8"], unsupported=C.unsupported_reason)
+    )
+    out = A.AttentionOverride("cudnn_fp8")(func, q, k, v, heads=3)
+    ref = _sdpa_bhld(*(t.float() for t in bh)).transpose(1, 2).reshape(2, 16, 3 * 64)
+    assert out.shape == (2, 16, 192) and hm.rel_err(ref, out.float()) < 0.08
+    (g,) = fake_cudnn_module.graphs
+    assert {t.name: t.stride for t in g.tensors}["q"] == [16 * 192, 64, 192, 1]  # q's own strides

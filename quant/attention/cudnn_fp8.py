@@ -1,0 +1,308 @@
+"""cuDNN's FP8 flash attention through the `nvidia-cudnn-frontend` Python graph API, behind the
+attention node's `cudnn_fp8` backend. Experimental and not yet measured in this pack.
+
+Scheme: a pre-pass turns bf16/fp16 Q, K, V into FP8 e4m3 with fp32 descales (amax / 448), K
+first smoothed by subtracting its mean over tokens (softmax is unchanged by adding a constant to
+every logit of a row, so this is exact and lowers K's amax when K has a channel bias); cuDNN
+computes softmax(Q·Kᵀ/√D)·V with P in FP8 (scale `SCALE_S`) and writes O in FP8 (on Hopper
+cuDNN takes FP8 inputs only with an FP8 output); O is dequantized to the input dtype here.
+
+O = P·V with each row of P summing to 1 is a convex combination of V's rows, so |O| <= amax(V):
+scale_o = 1 / (descale_v · O_HEADROOM) maps O into e4m3 without saturating, and its inverse
+dequantizes it. The headroom covers P rounded to e4m3 (each entry within 2^-4 relative, so a row
+may sum to 1 + 2^-4) and costs less than a tenth of a bit.
+
+`cudnn` is imported lazily (the pack must load without it) through `cudnn_module()`, a seam
+that tests replace with a fake module (`set_cudnn_module`). Graphs are built once per
+(shapes, strides, dtype, device, descale shapes) and cached with their workspace; Q/K/V keep the
+caller's layout ([B,H,L,D] or [B,L,H·D] seen as [B,H,L,D]): cuDNN gets their strides, no copies.
+
+Scales are per tensor ([1,1,1,1], as in cuDNN's own FP8 SDPA samples). The pre-pass can also
+make per-head descales ([1,H,1,1]); whether cuDNN's FP8 SDPA accepts them is not verified yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import BackendUnavailableError
+
+PACKAGE = "nvidia-cudnn-frontend"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_S = FP8_MAX  # P is in [0, 1]: its largest value maps to the top of the e4m3 range
+O_HEADROOM = 1.0 + 2.0**-4  # see the module docstring
+GRANULARITIES = ("tensor", "head")
+_DTYPES = (torch.bfloat16, torch.float16)
+_FP8 = torch.float8_e4m3fn
+
+
+# --------------------------------------------------------------------------- the cudnn seam
+def _import_cudnn() -> Any:
+    import cudnn  # the nvidia-cudnn-frontend wheel
+
+    return cudnn
+
+
+_loader: Callable[[], Any] = _import_cudnn
+
+
+def set_cudnn_module(module: Any | None) -> None:
+    """Use `module` in place of `cudnn` (tests pass a fake); None restores the real import.
+    Clears the graph cache, since cached graphs belong to the module that built them."""
+    global _loader
+    _loader = _import_cudnn if module is None else (lambda: module)
+    clear_graph_cache()
+
+
+def missing_package_message() -> str:
+    return f"cudnn_fp8 needs the '{PACKAGE}' package (pip install {PACKAGE}); it uses PyTorch's cuDNN"
+
+
+def cudnn_module() -> Any:
+    """The cudnn module, or BackendUnavailableError naming the package to install."""
+    try:
+        return _loader()
+    except Exception as e:  # ImportError, or a broken wheel raising OSError/RuntimeError
+        raise BackendUnavailableError(f"{missing_package_message()} ({type(e).__name__}: {e})") from e
+
+
+def runtime_unavailable_reason() -> str | None:
+    """Why cudnn_fp8 can't run in this process (no NVIDIA GPU, older than sm_90, package
+    missing), or None. Ada (sm_89) has FP8 tensor cores but cuDNN's FP8 SDPA is untested there."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return "cudnn_fp8 needs an NVIDIA GPU (Hopper sm_90 or Blackwell) with PyTorch's CUDA build"
+    cap = torch.cuda.get_device_capability()
+    if cap < (9, 0):
+        return f"cudnn_fp8 needs sm_90+ (Hopper/Blackwell); this GPU is sm_{cap[0]}{cap[1]} (Ada is untested)"
+    try:
+        cudnn_module()
+    except BackendUnavailableError as e:
+        return str(e)
+    return None
+
+
+def unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> str | None:
+    """Why one [B,H,L,D] call can't go to cuDNN FP8 attention (the caller falls back), or None."""
+    if mask is not None:
+        return "an attention mask (cudnn_fp8 is used unmasked only)"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"{q.dtype} inputs (cudnn_fp8 takes bf16/fp16)"
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
+        return f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} (needs [B,H,L,D], same heads)"
+    d = q.shape[-1]
+    if d != k.shape[-1] or d % 16 or d > 256:
+        return f"head dim {d} (cuDNN FP8 attention takes multiples of 16 up to 256)"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "a head dim that is not contiguous"
+    return None
+
+
+# --------------------------------------------------------------------------- the pre-pass
+@dataclass
+class FP8QKV:
+    """FP8 e4m3 Q, K (smoothed), V in the inputs' layouts, and their fp32 descales
+    ([1,1,1,1] per tensor or [1,H,1,1] per head): x ≈ x8.float() * descale."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    descale_q: torch.Tensor
+    descale_k: torch.Tensor
+    descale_v: torch.Tensor
+
+
+def _to_fp8_like(x: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # empty_like keeps a dense permuted layout ([B,L,H,D] memory seen as [B,H,L,D]) as it is
+    out = torch.empty_like(like, dtype=_FP8)
+    out.copy_((x * scale).clamp(-FP8_MAX, FP8_MAX))
+    return out
+
+
+def quantize_qkv_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    granularity: str = "tensor",
+    smooth_k: bool = True,
+) -> FP8QKV:
+    """The pre-pass in plain PyTorch (fp32 maths): q/k/v [B,H,L,D] bf16/fp16, any dense layout.
+    Each scale maps its amax to 448; K's mean over tokens (per batch, head, channel) is
+    subtracted first when `smooth_k`."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    dims = (0, 1, 2, 3) if granularity == "tensor" else (0, 2, 3)
+    out = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        xf = x.float()
+        if name == "k" and smooth_k:
+            xf = xf - xf.mean(dim=2, keepdim=True)
+        amax = xf.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)  # all-zero input: finite scale
+        out.append((_to_fp8_like(xf, FP8_MAX / amax, x), (amax / FP8_MAX).contiguous()))
+    (q8, dq), (k8, dk), (v8, dv) = out
+    return FP8QKV(q8, k8, v8, dq, dk, dv)
+
+
+def quantize_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granularity: str = "tensor", smooth_k: bool = True
+) -> FP8QKV:
+    """The pre-pass the backend runs. Today the reference; a fused Triton pass goes here."""
+    return quantize_qkv_reference(q, k, v, granularity=granularity, smooth_k=smooth_k)
+
+
+# --------------------------------------------------------------------------- graphs
+@dataclass
+class CudnnGraph:
+    """One built cuDNN graph, its tensor handles by role, and its workspace."""
+
+    graph: Any
+    tensors: dict[str, Any]
+    workspace: torch.Tensor
+
+
+_GRAPHS: dict[tuple, CudnnGraph] = {}
+_HANDLES: dict[str, Any] = {}
+_CONSTS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def clear_graph_cache() -> None:
+    _GRAPHS.clear()
+    _HANDLES.clear()
+    _CONSTS.clear()
+
+
+def graph_cache_size() -> int:
+    return len(_GRAPHS)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), tuple(t.stride())
+
+
+def graph_key(x: FP8QKV, o8: torch.Tensor, attn_scale: float) -> tuple:
+    """What a built graph depends on: every shape and stride (the layout), the dtypes, the
+    device, the descale shapes and the softmax scale baked into the graph."""
+    tensors = (x.q, x.k, x.v, o8, x.descale_q, x.descale_k, x.descale_v)
+    return (*(_layout(t) for t in tensors), x.q.dtype, o8.dtype, str(x.q.device), attn_scale)
+
+
+def _handle(cudnn: Any, device: torch.device) -> Any:
+    h = _HANDLES.get(str(device))
+    if h is None:
+        h = _HANDLES[str(device)] = cudnn.create_handle()
+    if device.type == "cuda":  # run on PyTorch's current stream, so no extra synchronisation
+        cudnn.set_stream(handle=h, stream=torch.cuda.current_stream(device).cuda_stream)
+    return h
+
+
+def build_graph(cudnn: Any, x: FP8QKV, o8: torch.Tensor, attn_scale: float, handle: Any) -> CudnnGraph:
+    """Build and plan the FP8 SDPA graph for these tensors' shapes and strides."""
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+
+    def tensor(name: str, t: torch.Tensor, dtype: Any) -> Any:
+        return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=dtype)
+
+    one = torch.empty((1, 1, 1, 1))
+    ts = {
+        "q": tensor("q", x.q, e4m3),
+        "k": tensor("k", x.k, e4m3),
+        "v": tensor("v", x.v, e4m3),
+        "descale_q": tensor("descale_q", x.descale_q, f32),
+        "descale_k": tensor("descale_k", x.descale_k, f32),
+        "descale_v": tensor("descale_v", x.descale_v, f32),
+        "descale_s": tensor("descale_s", one, f32),
+        "scale_s": tensor("scale_s", one, f32),
+        "scale_o": tensor("scale_o", one, f32),
+    }
+    o, _stats, amax_s, amax_o = graph.sdpa_fp8(
+        q=ts["q"], k=ts["k"], v=ts["v"],
+        descale_q=ts["descale_q"], descale_k=ts["descale_k"], descale_v=ts["descale_v"],
+        descale_s=ts["descale_s"], scale_s=ts["scale_s"], scale_o=ts["scale_o"],
+        is_inference=True, attn_scale=attn_scale, use_causal_mask=False, name="sdpa_fp8",
+    )  # fmt: skip
+    o.set_output(True).set_dim(list(o8.shape)).set_stride(list(o8.stride())).set_data_type(e4m3)
+    for a in (amax_s, amax_o):  # cuDNN computes them; we read neither but must give them memory
+        a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    ts.update(o=o, amax_s=amax_s, amax_o=amax_o)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=o8.device)
+    return CudnnGraph(graph, ts, workspace)
+
+
+def _softmax_consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    c = _CONSTS.get(str(device))
+    if c is None:  # (descale_s, scale_s), made once per device: no host-to-device copy per call
+        c = _CONSTS[str(device)] = (
+            torch.full((1, 1, 1, 1), 1.0 / SCALE_S, device=device),
+            torch.full((1, 1, 1, 1), SCALE_S, device=device),
+        )
+    return c
+
+
+def cudnn_fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    granularity: str = "tensor",
+    smooth_k: bool = True,
+) -> torch.Tensor:
+    """softmax(q kᵀ/√D) v through cuDNN's FP8 SDPA. q/k/v [B,H,L,D] bf16/fp16 (any dense layout,
+    e.g. [B,L,H,D] memory); returns [B,H,L,D] in q.dtype, a view of [B,L,H,D] memory so the
+    caller's transpose back to [B,L,H·D] costs no copy."""
+    cudnn = cudnn_module()
+    B, H, LQ, D = q.shape
+    x = quantize_qkv(q, k, v, granularity=granularity, smooth_k=smooth_k)
+    o8 = torch.empty((B, LQ, H, D), dtype=_FP8, device=q.device).transpose(1, 2)
+    attn_scale = 1.0 / math.sqrt(D)
+    key = graph_key(x, o8, attn_scale)
+    g = _GRAPHS.get(key)
+    handle = _handle(cudnn, q.device)
+    if g is None:
+        g = _GRAPHS[key] = build_graph(cudnn, x, o8, attn_scale, handle)
+    # per-head descales: the largest one (the graph takes one scale_o)
+    descale_o = x.descale_v.amax().reshape(1, 1, 1, 1) * O_HEADROOM
+    descale_s, scale_s = _softmax_consts(q.device)
+    amax = torch.empty((2, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
+    t = g.tensors
+    # FP8 goes in as uint8 views (same memory and strides): cudnn-frontend reads only the data
+    # pointer, through DLPack, and some torch versions can't export float8 through DLPack
+    b8 = torch.uint8
+    pack = {
+        t["q"]: x.q.view(b8), t["k"]: x.k.view(b8), t["v"]: x.v.view(b8),
+        t["descale_q"]: x.descale_q, t["descale_k"]: x.descale_k, t["descale_v"]: x.descale_v,
+        t["descale_s"]: descale_s, t["scale_s"]: scale_s, t["scale_o"]: 1.0 / descale_o,
+        t["o"]: o8.view(b8), t["amax_s"]: amax[0], t["amax_o"]: amax[1],
+    }  # fmt: skip
+    g.graph.execute(pack, g.workspace, handle=handle)
+    return (o8.float() * descale_o).to(q.dtype)
+
+
+__all__ = [
+    "FP8QKV",
+    "PACKAGE",
+    "build_graph",
+    "clear_graph_cache",
+    "cudnn_fp8_attention",
+    "cudnn_module",
+    "graph_cache_size",
+    "graph_key",
+    "missing_package_message",
+    "quantize_qkv",
+    "quantize_qkv_reference",
+    "runtime_unavailable_reason",
+    "set_cudnn_module",
+    "unsupported_reason",
+]
