@@ -32,7 +32,7 @@ def to_quantize_device(weight: torch.Tensor, qdev: torch.device) -> torch.Tensor
     return weight.to(device=qdev)
 
 
-# GPU layers queued ahead of the one being read (nodes/ops.py LoadState.queue)
+# GPU layers queued ahead of the one being read (LoadState.queue)
 MAX_INFLIGHT = 2
 
 
@@ -73,11 +73,13 @@ class LoadState:
     pending: list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     inflight: list[Any] = field(default_factory=list)  # CUDA events of the layers still being copied
 
-    def queue(self, record: LayerRecord, finite: torch.Tensor, sums: torch.Tensor | None, device) -> None:
+    def queue(
+        self, record: LayerRecord, finite: torch.Tensor, sums: torch.Tensor | None, device: torch.device
+    ) -> None:
         """Keep a GPU-quantized layer's verdicts for `settle`; wait for the layer queued
         MAX_INFLIGHT layers ago, so the pinned staging buffers stay a few layers' worth."""
         self.pending.append((record, finite, sums))
-        if torch.device(device).type != "cuda":
+        if device.type != "cuda":
             return  # nothing runs ahead of the host elsewhere
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))

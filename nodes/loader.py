@@ -262,7 +262,7 @@ def _load_quantized(
         model_options["custom_operations"] = ops
         ops.load_state.source = name
         report.quantize_device = str(ops.load_state.quantize_device)
-        model_bytes = quantized_model_bytes(sd, plan, quantization)
+        model_bytes = quantized_model_bytes(sd, plan)
         ops.load_state.packed_device, where = packed_device(ops.load_state.quantize_device, model_bytes)
         log.debug("OnlineQuant %s: %s", name, where)
         ops.load_state.progress = LoadProgress(linear_weight_bytes(sd), name)

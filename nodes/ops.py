@@ -201,7 +201,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
                 if defer:
                     sums = quantized_weight_sqnr_sums(w, qw)
                 else:
-                    sqnr = float(quantized_weight_sqnr_db(w, qw))
+                    sqnr = quantized_weight_sqnr_db(w, qw)
             finite = fmt.finite(qw) if defer else None
             qt = to_quantized_tensor(qw, self._oq_dtype, self._oq_compute)
             qt = qt.to(device=state.packed_device or target)
@@ -275,13 +275,11 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
 
     # ---- forward ---------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Dynamo before torch 2.13 cannot trace the layout's params object (`_params`), so a
-            # compiled forward never reads it: F.linear reaches the same quantized matmul through
-            # the layout's aten.linear handler, which runs below Dynamo (in AOTAutograd's tracing
-            # of the tensor subclass), where it emits plain PyTorch ops Inductor can fuse.
-            return torch.nn.functional.linear(x, weight, bias)
-        if is_online_quant(weight):
+        # Compiled, the forward never reads the layout's params object (`_params`), which Dynamo
+        # before torch 2.13 cannot trace: F.linear reaches the same quantized matmul through the
+        # layout's aten.linear handler, which runs below Dynamo (in AOTAutograd's tracing of the
+        # tensor subclass), where it emits plain PyTorch ops Inductor can fuse.
+        if not torch.compiler.is_compiling() and is_online_quant(weight):
             return quantized_linear(x, as_quantized_weight(weight), bias, compute=weight._params.compute)
         return torch.nn.functional.linear(x, weight, bias)
 

@@ -308,8 +308,10 @@ def run(args, device: torch.device) -> list[dict]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
-                    torch._dynamo.reset()
-                    stepped = torch.compile(model) if suffix == "+compiled" else model
+                    stepped = model
+                    if suffix == "+compiled":
+                        torch._dynamo.reset()  # each variant compiles afresh, not on the last one's guards
+                        stepped = torch.compile(model)
                     out, ms = _step(stepped, inputs, topts, device, 1 if quick else args.steps)
                     del stepped
                     # the source weights stay resident for the comparison: subtract them, but count

@@ -50,21 +50,28 @@ def _impl(x, qdata, scale, bias, format, compute, backend):
     return run(x, QuantizedWeight(format, qdata, scale, (qdata.shape[0], x.shape[-1])), bias, mode)
 
 
+def _seen_by_dispatch(x: torch.Tensor) -> bool:
+    """A tensor subclass input, or a dispatch mode active: the C++ mode stack counts user modes and
+    infra modes (FakeTensorMode, ProxyTorchDispatchMode), so tracers below Dynamo see the call."""
+    return type(x) is not torch.Tensor or bool(torch._C._len_torch_dispatch_stack())
+
+
+def _no_gradient(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
 def eager_ok(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> bool:
     """True when calling the op's implementation directly gives exactly what the op gives: eager
     (not compiling, exporting or JIT-tracing), a plain tensor input, no dispatch mode (fake
     tensors, make_fx, FlopCounter must see the op) and no gradient to record. Cheap: it runs on
     every Linear call."""
-    if torch.compiler.is_compiling():
-        return False
-    # the C++ mode stack counts user modes and infra modes (FakeTensorMode, ProxyTorchDispatchMode)
-    if type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or _seen_by_dispatch(x):
         return False
     if torch._C._get_tracing_state() is not None:
         return False
-    return not torch.is_grad_enabled() or not (
-        x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    return _no_gradient(x, bias, scale)
 
 
 def graph_traced(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> bool:
@@ -72,13 +79,9 @@ def graph_traced(x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
     call and no gradient is needed, but Dynamo is not the caller: plain ops are then recorded as
     they run, whereas Dynamo would have to trace the backend lookup in Python. Callers check
     `eager_ok` first."""
-    if torch.compiler.is_dynamo_compiling():
+    if torch.compiler.is_dynamo_compiling() or not _seen_by_dispatch(x):
         return False
-    if not (type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack()):
-        return False
-    return not torch.is_grad_enabled() or not (
-        x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    return _no_gradient(x, bias, scale)
 
 
 def _fake(x, qdata, scale, bias, format, compute, backend):

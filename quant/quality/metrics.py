@@ -26,21 +26,26 @@ def _check_pair(ref: Tensor, test: Tensor) -> None:
         raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs test {tuple(test.shape)}")
 
 
-def _signal_and_noise(ref: Tensor, test: Tensor) -> tuple[float, float]:
-    """Return (sum ref^2, sum (ref - test)^2), fp32 per chunk, fp64 across chunks."""
+def signal_noise_sums(ref: Tensor, test: Tensor) -> Tensor:
+    """(Σref², Σ(ref−test)²) as float64 [2] on ref's device, with no synchronisation (a loader
+    queues one per layer and reads them together): fp32 per chunk, fp64 across chunks."""
     _check_pair(ref, test)
     r = ref.detach().reshape(-1)
     t = test.detach().reshape(-1)
     if t.device != r.device:
         t = t.to(r.device)
-    signal = 0.0
-    noise = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=r.device)
     for start in range(0, r.numel(), CHUNK):
         rc = r[start : start + CHUNK].float()
         d = rc - t[start : start + CHUNK].float()
         # dot products: one BLAS pass each, fp32 accumulation (no x*x temporaries)
-        signal += float(torch.dot(rc, rc))
-        noise += float(torch.dot(d, d))
+        sums += torch.stack([torch.dot(rc, rc), torch.dot(d, d)]).double()
+    return sums
+
+
+def _signal_and_noise(ref: Tensor, test: Tensor) -> tuple[float, float]:
+    """Return (sum ref^2, sum (ref - test)^2), fp32 per chunk, fp64 across chunks."""
+    signal, noise = signal_noise_sums(ref, test).tolist()
     return signal, noise
 
 
@@ -179,6 +184,7 @@ __all__ = [
     "psnr_db",
     "relative_l2",
     "sqnr_db",
+    "signal_noise_sums",
     "sqnr_from_sums",
     "ssim",
     "weight_sqnr_db",

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..formats import QuantizedWeight, get_format
 from ..selection.patterns import strip_prefix
-from .metrics import CHUNK, sqnr_db, sqnr_from_sums
+from .metrics import signal_noise_sums, sqnr_db, sqnr_from_sums
 
 
 def sample_rows(n: int, rows: int | None) -> Tensor | None:
@@ -31,33 +31,22 @@ def quantized_weight_sqnr_db(w: Tensor, qw, rows: int | None = 256) -> float:
     rows/N of a full one (on CPU a full dequantize + compare costs about as much as the
     quantization itself). `rows=None` measures every row."""
 
-    idx = sample_rows(w.shape[0], rows)
-    if idx is None:
-        return sqnr_db(w, qw.dequantize(torch.float32))
     return sqnr_from_sums(*quantized_weight_sqnr_sums(w, qw, rows).tolist())
 
 
 def quantized_weight_sqnr_sums(w: Tensor, qw, rows: int | None = 256) -> Tensor:
     """(Σw², Σ(w−ŵ)²) over the rows `quantized_weight_sqnr_db` samples: float64 [2] on w's
     device, with no synchronisation, so a loader can queue one per layer and read them all at
-    once (`sqnr_from_sums` turns a pair into dB). fp32 per chunk, fp64 across chunks."""
+    once (`sqnr_from_sums` turns a pair into dB)."""
     idx = sample_rows(w.shape[0], rows)
     if idx is None:
-        ref, test = w, qw.dequantize(torch.float32)
-    else:
-        idx = idx.to(qw.qdata.device)
-        per_row = qw.scale.dim() > 0 and qw.scale.shape[0] == w.shape[0]
-        scale = qw.scale.index_select(0, idx) if per_row else qw.scale  # a per-tensor scale stays
-        shape = (int(idx.numel()), qw.shape[1])
-        part = QuantizedWeight(qw.format, qw.qdata.index_select(0, idx), scale, shape)
-        ref, test = w.index_select(0, idx.to(w.device)), part.dequantize(torch.float32)
-    r, t = ref.detach().reshape(-1), test.detach().reshape(-1).to(ref.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=ref.device)
-    for start in range(0, r.numel(), CHUNK):
-        rc = r[start : start + CHUNK].float()
-        d = rc - t[start : start + CHUNK].float()
-        sums += torch.stack([torch.dot(rc, rc), torch.dot(d, d)]).double()
-    return sums
+        return signal_noise_sums(w, qw.dequantize(torch.float32))
+    idx = idx.to(qw.qdata.device)
+    per_row = qw.scale.dim() > 0 and qw.scale.shape[0] == w.shape[0]
+    scale = qw.scale.index_select(0, idx) if per_row else qw.scale  # a per-tensor scale stays
+    shape = (int(idx.numel()), qw.shape[1])
+    part = QuantizedWeight(qw.format, qw.qdata.index_select(0, idx), scale, shape)
+    return signal_noise_sums(w.index_select(0, idx.to(w.device)), part.dequantize(torch.float32))
 
 
 def estimate_weight_sqnr_db(w: Tensor, format: str, rows: int | None = 256) -> float:

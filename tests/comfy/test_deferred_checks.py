@@ -13,7 +13,6 @@ import helpers_models as hm
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_load_failures import _spy_online_linears
 
 pytestmark = pytest.mark.comfyui
 
@@ -64,7 +63,7 @@ def test_deferred_non_finite_weight_stops_the_load_naming_it(
     bad = tmp_path / "nan.safetensors"
     save_file(sd, str(bad))
     monkeypatch.setattr(mods.nodes.ops, "defers_checks", lambda device: True)
-    created, restore = _spy_online_linears(pack)
+    created, restore = hm.spy_online_linears(pack)
     try:
         with pytest.raises(pack.quant.errors.NonFiniteWeightError, match=re.escape(repr(layer))) as ei:
             mods.nodes.loader.load_quantized(str(bad), fmt, "")

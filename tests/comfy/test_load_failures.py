@@ -10,7 +10,6 @@ import gc
 import hashlib
 import os
 import re
-import weakref
 
 import helpers_models as hm
 import pytest
@@ -40,19 +39,6 @@ def _errors(pack):
 
 def _digest(path) -> tuple[int, str]:
     return os.stat(path).st_mtime_ns, hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def _spy_online_linears(pack):
-    created = []
-    cls = pack.nodes.ops.OnlineQuantLinear
-    orig = cls.__init__
-
-    def spy(self, *a, **k):
-        orig(self, *a, **k)
-        created.append(weakref.ref(self))
-
-    cls.__init__ = spy
-    return created, lambda: setattr(cls, "__init__", orig)
 
 
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 10000000000\n"
@@ -132,7 +118,7 @@ def test_failed_load_leaves_nothing_and_corrected_load_works(pack, loader, wan_f
     with torch.no_grad():
         m.blocks[0].self_attn.q.weight[0, 0] = float("inf")
     bad = hm.save_model(m, tmp_path / "wan_inf.safetensors")
-    created, restore = _spy_online_linears(pack)
+    created, restore = hm.spy_online_linears(pack)
     try:
         with pytest.raises(_errors(pack).NonFiniteWeightError, match=r"blocks\.0\.self_attn\.q"):
             loader.load_quantized(str(bad), "mxfp4", "")
@@ -341,7 +327,7 @@ def test_out_of_memory_while_quantizing_names_layer_and_size_and_next_load_works
         return real(qw, *a, **k)
 
     monkeypatch.setattr(ops, "to_quantized_tensor", oom_on_ffn2)
-    created, restore = _spy_online_linears(pack)
+    created, restore = hm.spy_online_linears(pack)
     try:
         with pytest.raises(_errors(pack).QuantizationOOMError) as ei:
             loader.load_quantized(str(wan_file), "fp8_e4m3fn", "")
@@ -493,7 +479,7 @@ def test_failed_load_releases_the_file_and_model_without_a_gc(pack, loader, wan_
     with torch.no_grad():
         m.blocks[1].ffn[2].weight[0, 0] = float("nan")  # a late layer: most of the model is built
     bad = hm.save_model(m, tmp_path / "wan_late_nan.safetensors")
-    created, restore = _spy_online_linears(pack)
+    created, restore = hm.spy_online_linears(pack)
     gc.collect()
     gc.disable()
     try:

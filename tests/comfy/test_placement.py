@@ -36,7 +36,7 @@ def test_model_bytes_count_packed_layers_and_everything_else(pack, placement, tm
     plan = pack.quant.selection.checkpoint_plan.plan_checkpoint(
         {k: tuple(v.shape) for k, v in sd.items()}, "fp8_e4m3fn", "", family="wan22_5b", min_out_features=0
     ).plan
-    fp8 = placement.quantized_model_bytes(sd, plan, "fp8_e4m3fn")
+    fp8 = placement.quantized_model_bytes(sd, plan)
     plain = sum(v.numel() * v.element_size() for v in sd.values())
     quantized = [d for d in plan.decisions if d.quantize]
     assert quantized

@@ -137,3 +137,20 @@ def import_submodules(pack, *names: str):
     for n in names or ("nodes.loader", "nodes.layouts", "nodes.ops", "nodes.attention", "quant.errors"):
         importlib.import_module(f"{pack.__name__}.{n}")
     return pack
+
+
+def spy_online_linears(pack):
+    """Record a weak reference to every OnlineQuantLinear built from now on (a failed load must
+    leave none alive). -> (the list of weakrefs, a function that removes the spy)."""
+    import weakref
+
+    created = []
+    cls = pack.nodes.ops.OnlineQuantLinear
+    orig = cls.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        created.append(weakref.ref(self))
+
+    cls.__init__ = spy
+    return created, lambda: setattr(cls, "__init__", orig)
