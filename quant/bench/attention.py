@@ -57,6 +57,11 @@ PUBLIC_MODES = {  # path name -> fp8_attention kwargs
     "ours_fp8qk_fp8pv": dict(qk="fp8"),
 }
 SWEPT = ("int8qk_bf16pv_kblk", "int8qk_fp8pv_kblk", "fp8qk_fp8pv_kblk")
+CUDNN_MODES = {  # path name -> cudnn_fp8_attention kwargs (quant/attention/cudnn_fp8.py)
+    "cudnn_fp8": {},  # what the attention node runs
+    "cudnn_fp8_head": dict(granularity="head"),
+    "cudnn_fp8_nosmooth": dict(smooth_k=False),
+}
 _TUNED: dict[str, AttnConfig] = {}  # mode -> fastest config of this run's sweep
 
 
@@ -113,6 +118,7 @@ def _paths(heads: int, device) -> dict:
 
         paths["direct_int8qk_fp8pv_tritonstats"] = lambda q, k, v: direct(q, k, v, "triton")
         paths["direct_int8qk_fp8pv_torchstats"] = lambda q, k, v: direct(q, k, v, "torch")
+    paths.update(_cudnn_paths(heads, device))
     for name, kw in MODES.items():
         if name not in _TUNED:
             continue  # with --tune: every mode at the fastest config of the sweep
@@ -127,6 +133,45 @@ def _paths(heads: int, device) -> dict:
     return paths
 
 
+def _cudnn_paths(heads: int, device) -> dict:
+    """cuDNN's FP8 attention where it can run (Hopper+, nvidia-cudnn-frontend installed): each
+    mode as the node calls it (pre-pass, kernel, O dequantization), and the same call with
+    Q/K/V quantized beforehand, which times the kernel and the dequantization alone."""
+    from ..attention import cudnn_fp8 as cf
+
+    if device.type != "cuda" or cf.runtime_unavailable_reason() is not None:
+        return {}
+
+    def bhld(t):
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    paths = {
+        name: lambda q, k, v, kw=kw: (
+            cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v), **kw).transpose(1, 2).flatten(2)
+        )
+        for name, kw in CUDNN_MODES.items()
+    }
+    done: dict = {}
+
+    def prequantized(q, k, v):
+        if done.get("inputs") is not (q, k, v):  # quantize once per input set, outside the timing
+            done.update(inputs=(q, k, v), x=cf.quantize_qkv(bhld(q), bhld(k), bhld(v)))
+        real, cf.quantize_qkv = cf.quantize_qkv, lambda *a, **kw: done["x"]
+        try:
+            return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
+        finally:
+            cf.quantize_qkv = real
+
+    paths["cudnn_fp8_prequantized"] = prequantized
+    return paths
+
+
+def _selected(names, wanted: str | None) -> list:
+    """`names` filtered by a comma list (None or empty: all)."""
+    keep = [w for w in (wanted or "").split(",") if w]
+    return [n for n in names if not keep or n in keep]
+
+
 def run(args, device: torch.device) -> list[dict]:
     """Rows of the attention table (and, with --attn-tune, of the tuning table)."""
     quick = getattr(args, "quick", False)
@@ -138,9 +183,13 @@ def run(args, device: torch.device) -> list[dict]:
         rows += check(device, modes.split(",") if modes else None)
     if getattr(args, "attn_tune", False) and device.type == "cuda":
         rows += tune(device)
+    models = _selected([m for m, _, _ in shapes], getattr(args, "attn_models", None))
+    shapes = [s for s in shapes if s[0] in models]
     for model, heads, tokens in [] if getattr(args, "no_bench", False) else shapes:
         flops = attention_flops(1, heads, tokens, tokens, 128)
         paths = _paths(heads, device)
+        keep = _selected(list(paths), getattr(args, "attn_paths", None))
+        paths = {n: f for n, f in paths.items() if n in keep or n == "sdpa_default_bf16"}  # the baseline
         base_ms = None
         for kind in kinds:
             q, k, v = make_inputs(kind, heads, tokens, device)
@@ -280,6 +329,10 @@ def check(device: torch.device, modes=None) -> list[dict]:
 def add_args(parser) -> None:
     parser.add_argument(
         "--attn-tune", action="store_true", help="also sweep the FP8 attention kernel's launch configs"
+    )
+    parser.add_argument("--attn-models", default=None, help="only these shapes (comma list of model names)")
+    parser.add_argument(
+        "--attn-paths", default=None, help="only these paths (comma list; SDPA's default always)"
     )
 
 
