@@ -57,6 +57,12 @@ def add_args(parser) -> None:
     parser.add_argument("--memory-dir", default=None, help="where to write the temporary checkpoint")
     parser.add_argument("--memory-loads", default=",".join(LOADS), help=f"comma list of {', '.join(LOADS)}")
     parser.add_argument(
+        "--memory-cache",
+        default="warm",
+        help="page-cache states to time each load in: comma list of cold (the files read are evicted "
+        "from the page cache first, as after a reboot) and warm (read before, as on a model switch)",
+    )
+    parser.add_argument(
         "--memory-profile",
         default=None,
         help="folder: each load also writes a cProfile summary there (where the time goes)",
@@ -101,7 +107,27 @@ def write_checkpoint(path: Path, shapes: dict, seed: int = 0) -> int:
             for start in range(0, numel, 1 << 26):  # 128 MB of bf16 at a time
                 chunk = torch.empty(min(1 << 26, numel - start)).uniform_(lo, hi, generator=g)
                 f.write(chunk.to(torch.bfloat16).view(torch.uint16).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages can't be evicted: a cold load must find none
     return os.path.getsize(path)
+
+
+CACHE_STATES = ("cold", "warm")
+
+
+def evict_page_cache(*paths: str) -> None:
+    """Drop these files' pages from the OS page cache (posix_fadvise DONTNEED: no root needed,
+    unlike /proc/sys/vm/drop_caches), so the next read comes from the disk. Written pages are
+    synced first; a file some process still maps keeps its mapped pages. No-op off POSIX."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------- measurement in a child
@@ -120,7 +146,9 @@ def _status_kib(fields=("VmRSS", "RssAnon", "RssFile")) -> dict[str, int]:
     return out
 
 
-def _child(kind: str, path: str, device: str, queue, profile_dir: str | None = None) -> None:
+def _child(
+    kind: str, path: str, device: str, queue, profile_dir: str | None = None, cache_state: str = "warm"
+) -> None:
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     stop = threading.Event()
 
@@ -155,6 +183,9 @@ def _child(kind: str, path: str, device: str, queue, profile_dir: str | None = N
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if cache_state == "cold":  # every file this load reads: the source, and a cache hit's file
+            extra = [str(f) for f in Path(folder).rglob("*") if f.is_file()] if cached else []
+            evict_page_cache(path, *extra)
         base = _status_kib()
         t = threading.Thread(target=sample, daemon=True)
         t.start()
@@ -192,12 +223,13 @@ def _child(kind: str, path: str, device: str, queue, profile_dir: str | None = N
             prof.disable()
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
-            Path(profile_dir, f"profile_{kind}.txt").write_text(buf.getvalue())
+            Path(profile_dir, f"profile_{kind}_{cache_state}.txt").write_text(buf.getvalue())
         stop.set()
         t.join()
         model = patcher.model.diffusion_model
         row = {
             "load": kind,
+            "page_cache": cache_state,
             "weights_gib": _nbytes(model, records) / 2**30,
             # a cached row's first (filling) load is in the process's high-water mark: sampled peak
             "peak_rss_gib": (peaks["VmRSS"] if cached else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -212,36 +244,52 @@ def _child(kind: str, path: str, device: str, queue, profile_dir: str | None = N
         queue.put(row)
     except BaseException as e:  # report, don't hang the parent
         stop.set()
-        queue.put({"load": kind, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        queue.put({"load": kind, "page_cache": cache_state, "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
-def measure(path: str, kinds=LOADS, device: str = "cpu", profile_dir: str | None = None) -> list[dict]:
+def measure(
+    path: str,
+    kinds=LOADS,
+    device: str = "cpu",
+    profile_dir: str | None = None,
+    cache_states=("warm",),
+) -> list[dict]:
+    """One fresh process per (load, page-cache state); a cold load evicts the files it reads
+    first, a warm one follows a load that read them (the checkpoint was just written, or
+    the cold run before it)."""
     ctx = mp.get_context("spawn")
     rows = []
     for kind in kinds:
-        q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(kind, path, device, q, profile_dir))
-        p.start()
-        try:
-            row = q.get(timeout=3600)
-        except Exception as e:  # noqa: BLE001 - the child died (e.g. killed for memory)
-            row = {"load": kind, "error": f"child exited with {p.exitcode} ({type(e).__name__})"}
-        p.join(60)
-        rows.append(row)
-        log.info("memory %s: %s", kind, row)
-        gc.collect()
+        for state in cache_states:
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(kind, path, device, q, profile_dir, state))
+            p.start()
+            try:
+                row = q.get(timeout=3600)
+            except Exception as e:  # noqa: BLE001 - the child died (e.g. killed for memory)
+                row = {"load": kind, "page_cache": state, "error": f"child exited with {p.exitcode} ({e!r})"}
+            p.join(60)
+            rows.append(row)
+            log.info("memory %s (%s page cache): %s", kind, state, row)
+            gc.collect()
     return rows
 
 
 def run(args, device: torch.device) -> list[dict]:
     blocks = getattr(args, "memory_blocks", None) or (2 if getattr(args, "quick", False) else WAN5B_BLOCKS)
     kinds = [k for k in (getattr(args, "memory_loads", None) or ",".join(LOADS)).split(",") if k]
+    states = [c for c in (getattr(args, "memory_cache", None) or "warm").split(",") if c]
+    if bad := [c for c in states if c not in CACHE_STATES]:
+        raise ValueError(f"--memory-cache {','.join(bad)}: choose from {', '.join(CACHE_STATES)}")
     with tempfile.TemporaryDirectory(dir=getattr(args, "memory_dir", None)) as d:
         path = Path(d) / f"wan2.2_ti2v_5B_{blocks}blocks_synthetic_bf16.safetensors"
         t0 = time.perf_counter()
         size = write_checkpoint(path, wan22_5b_shapes(blocks))
         log.info("memory: wrote %.2f GB in %.0f s", size / 1e9, time.perf_counter() - t0)
-        rows = measure(str(path), kinds, device.type, getattr(args, "memory_profile", None))
+        profile = getattr(args, "memory_profile", None)
+        if profile:
+            Path(profile).mkdir(parents=True, exist_ok=True)
+        rows = measure(str(path), kinds, device.type, profile, states)
     for r in rows:
         r.update(table="memory", file_gb=size / 1e9, blocks=blocks, device=device.type)
     return rows
@@ -253,12 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None)
     ap.add_argument("--loads", default=",".join(LOADS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache", default="warm", help="comma list of cold, warm")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    ns = argparse.Namespace(memory_blocks=a.blocks, memory_dir=a.dir, memory_loads=a.loads, quick=False)
+    ns = argparse.Namespace(
+        memory_blocks=a.blocks, memory_dir=a.dir, memory_loads=a.loads, memory_cache=a.cache, quick=False
+    )
     rows = run(ns, torch.device(a.device))
     keys = [
         "load",
+        "page_cache",
         "file_gb",
         "weights_gib",
         "peak_rss_gib",
