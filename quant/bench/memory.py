@@ -55,6 +55,12 @@ def add_args(parser) -> None:
         help="Wan 5B blocks in the synthetic file (30 = full 10 GB; default 30, --quick 2)",
     )
     parser.add_argument("--memory-dir", default=None, help="where to write the temporary checkpoint")
+    parser.add_argument(
+        "--memory-file",
+        default=None,
+        help="keep the synthetic checkpoint at this path (written if missing, reused if there) "
+        "instead of a temporary one, so several runs share one write",
+    )
     parser.add_argument("--memory-loads", default=",".join(LOADS), help=f"comma list of {', '.join(LOADS)}")
     parser.add_argument(
         "--memory-cache",
@@ -110,6 +116,15 @@ def write_checkpoint(path: Path, shapes: dict, seed: int = 0) -> int:
         f.flush()
         os.fsync(f.fileno())  # dirty pages can't be evicted: a cold load must find none
     return os.path.getsize(path)
+
+
+def _has_shapes(path: Path, shapes: dict) -> bool:
+    """Whether a kept checkpoint holds exactly these tensors (another --memory-blocks is rewritten)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: tuple(v["shape"]) for k, v in header.items()} == {k: v[0] for k, v in shapes.items()}
 
 
 CACHE_STATES = ("cold", "warm")
@@ -281,11 +296,16 @@ def run(args, device: torch.device) -> list[dict]:
     states = [c for c in (getattr(args, "memory_cache", None) or "warm").split(",") if c]
     if bad := [c for c in states if c not in CACHE_STATES]:
         raise ValueError(f"--memory-cache {','.join(bad)}: choose from {', '.join(CACHE_STATES)}")
+    keep = getattr(args, "memory_file", None)
     with tempfile.TemporaryDirectory(dir=getattr(args, "memory_dir", None)) as d:
-        path = Path(d) / f"wan2.2_ti2v_5B_{blocks}blocks_synthetic_bf16.safetensors"
-        t0 = time.perf_counter()
-        size = write_checkpoint(path, wan22_5b_shapes(blocks))
-        log.info("memory: wrote %.2f GB in %.0f s", size / 1e9, time.perf_counter() - t0)
+        path = Path(keep or Path(d) / f"wan2.2_ti2v_5B_{blocks}blocks_synthetic_bf16.safetensors")
+        shapes = wan22_5b_shapes(blocks)
+        if keep and path.exists() and _has_shapes(path, shapes):
+            size = path.stat().st_size
+        else:
+            t0 = time.perf_counter()
+            size = write_checkpoint(path, shapes)
+            log.info("memory: wrote %.2f GB in %.0f s", size / 1e9, time.perf_counter() - t0)
         profile = getattr(args, "memory_profile", None)
         if profile:
             Path(profile).mkdir(parents=True, exist_ok=True)
