@@ -42,7 +42,14 @@ def defers_checks(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def non_finite_weight_error(name: str, n: int, k: int, why: str = "") -> NonFiniteWeightError:
+def non_finite_weight_error(
+    name: str, n: int, k: int, why: str = "", *, packed: bool = False
+) -> NonFiniteWeightError:
+    if packed:  # read already quantized from a packed file: nothing to keep or quantize again
+        return NonFiniteWeightError(
+            f"layer {name!r}: the packed weight [{n}x{k}] read from the file holds NaN/Inf codes; the "
+            "file is damaged: save it again, or load the bf16 model it was made from"
+        )
     detail = f" ({why})" if why else ""
     return NonFiniteWeightError(
         f"layer {name!r}: the weight [{n}x{k}] contains NaN or Inf and cannot be quantized{detail}; "
@@ -67,18 +74,29 @@ class LoadState:
     seen: set[str] = field(default_factory=set)
     progress: Any = None  # nodes.progress.LoadProgress, set by the loader
     source: str = ""  # the file's name, for the header of a "Save Quantized Model" file
+    # layers whose weights this load reads already packed from a file: their bytes get the
+    # format's NaN/Inf check where they land (nodes/ops.py), not the quantizer's
+    packed_from_file: set[str] = field(default_factory=set)
     # GPU quantization queues each layer's NaN/Inf verdict and SQNR sums here instead of waiting
     # for them (a synchronisation per layer would keep the next layer's read from overlapping this
     # one's copy and quantization); `settle` reads them all at once when the load ends.
-    pending: list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    # (record, finite verdict, SQNR sums or None, whether the weight came packed from a file)
+    pending: list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None, bool]] = field(default_factory=list)
     inflight: list[Any] = field(default_factory=list)  # CUDA events of the layers still being copied
 
     def queue(
-        self, record: LayerRecord, finite: torch.Tensor, sums: torch.Tensor | None, device: torch.device
+        self,
+        record: LayerRecord,
+        finite: torch.Tensor,
+        sums: torch.Tensor | None,
+        device: torch.device,
+        *,
+        packed: bool = False,
     ) -> None:
-        """Keep a GPU-quantized layer's verdicts for `settle`; wait for the layer queued
-        MAX_INFLIGHT layers ago, so the pinned staging buffers stay a few layers' worth."""
-        self.pending.append((record, finite, sums))
+        """Keep a layer's verdicts for `settle` (a GPU-quantized layer's, or `packed`, the check
+        of bytes read already packed); on a GPU wait for the layer queued MAX_INFLIGHT layers
+        ago, so the pinned staging buffers stay a few layers' worth."""
+        self.pending.append((record, finite, sums, packed))
         if device.type != "cuda":
             return  # nothing runs ahead of the host elsewhere
         event = torch.cuda.Event()
@@ -93,11 +111,12 @@ class LoadState:
         pending, self.pending, self.inflight = self.pending, [], []
         if not pending:
             return
-        finite = torch.stack([f for _, f, _ in pending]).cpu().tolist()
-        for (record, _, _), ok in zip(pending, finite, strict=True):
+        finite = torch.stack([f for _, f, _, _ in pending]).cpu().tolist()
+        for (record, _, _, packed), ok in zip(pending, finite, strict=True):
             if not ok:
-                raise non_finite_weight_error(record.name, record.out_features, record.in_features)
-        measured = [(record, sums) for record, _, sums in pending if sums is not None]
+                n, k = record.out_features, record.in_features
+                raise non_finite_weight_error(record.name, n, k, packed=packed)
+        measured = [(record, sums) for record, _, sums, _ in pending if sums is not None]
         if measured:
             values = torch.stack([sums for _, sums in measured]).cpu().tolist()
             for (record, _), (signal, noise) in zip(measured, values, strict=True):

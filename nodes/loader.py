@@ -261,6 +261,8 @@ def _load_quantized(
         )
         model_options["custom_operations"] = ops
         ops.load_state.source = name
+        if packed is not None or _cached is not None:  # packed bytes from a file: checked as they load
+            ops.load_state.packed_from_file = set((packed or _cached.info).layers)
         report.quantize_device = str(ops.load_state.quantize_device)
         model_bytes = quantized_model_bytes(sd, plan)
         ops.load_state.packed_device, where = packed_device(ops.load_state.quantize_device, model_bytes)

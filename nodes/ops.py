@@ -68,6 +68,14 @@ def _owned(weight: OnlineQuantTensor, dtype: torch.dtype) -> OnlineQuantTensor:
     return OnlineQuantTensor(owned(weight._qdata), weight._layout_cls, params)
 
 
+def _skip_host_scan(weight: OnlineQuantTensor) -> None:
+    """A packed weight's bytes still unread in the file: the reader need not scan them for
+    NaN/Inf, the format checks them where they land (on a GPU the scan costs the host nothing)."""
+    for t in (weight._qdata, weight._params.scale):
+        if hasattr(t, "_reader"):
+            t._reader.checked_by_caller(t._name)
+
+
 class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
     """A Linear whose weight may be a packed `QuantizedTensor`; see the module docstring."""
 
@@ -129,26 +137,31 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         before = weight.numel() * weight.element_size()
 
         if is_online_quant(weight):  # packed in the file (nodes/packed.py), or a state_dict() reloaded
-            self.weight = torch.nn.Parameter(
-                _owned(weight, self._oq_dtype).to(device=state.packed_device or target), requires_grad=False
-            )
+            dest = state.packed_device or target
+            check = name in state.packed_from_file  # not a state_dict() of a model in memory
+            if check:
+                _skip_host_scan(weight)
+            owned = _owned(weight, self._oq_dtype).to(device=dest)
+            self.weight = torch.nn.Parameter(owned, requires_grad=False)
             self._oq_format, self._oq_compute = weight._params.format, weight._params.compute
             reason = decision.reason if decision is not None else "already quantized"
             source = decision.source if decision is not None else "file"
-            state.records.append(
-                LayerRecord(
-                    name,
-                    self.out_features,
-                    self.in_features,
-                    True,
-                    reason,
-                    source,
-                    before,
-                    packed_nbytes(self.weight),
-                    None,
-                    self._oq_compute,
-                )
+            record = LayerRecord(
+                name,
+                self.out_features,
+                self.in_features,
+                True,
+                reason,
+                source,
+                before,
+                packed_nbytes(self.weight),
+                None,
+                self._oq_compute,
             )
+            state.records.append(record)
+            if check:
+                finite = get_format(self._oq_format).packed_finite(as_quantized_weight(self.weight))
+                state.queue(record, finite, None, dest, packed=True)
         elif isinstance(weight, QuantizedTensor):  # another layout: kept as ComfyUI made it
             self.weight = torch.nn.Parameter(weight.to(device=target), requires_grad=False)
             self._oq_format, self._oq_compute = None, "auto"

@@ -281,6 +281,28 @@ _FLOAT8_NON_FINITE = {
 }
 
 
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on t's device, read without a synchronisation: whether t holds no NaN
+    or Inf. FP8/E8M0 codes are tested by their byte ranges (amax/amin of byte views: one read
+    each, no elementwise temporary); non-float tensors are finite."""
+    import torch
+
+    if t.numel() == 0 or not t.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    for attr, (u_first, i_first, i_lowest) in _FLOAT8_NON_FINITE.items():
+        if t.dtype == getattr(torch, attr, None):
+            u = t.view(torch.uint8)
+            ok = torch.ones((), dtype=torch.bool, device=t.device)
+            if u_first is not None:
+                ok = ok & (u.amax() < u_first)
+            if i_first is not None:
+                ok = ok & (u.view(torch.int8).amax() < i_first)
+            if i_lowest:
+                ok = ok & (u.view(torch.int8).amin() != -128)
+            return ok
+    return torch.isfinite(t).all()
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN or Inf, in one reduction on its device: the sum of finite values
     is finite (an overflowing sum is confirmed element-wise). Non-float tensors are finite."""
@@ -292,15 +314,7 @@ def all_finite(t: torch.Tensor) -> bool:
         if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
             return True
         return bool(torch.isfinite(t).all())
-    for attr, (u_first, i_first, i_lowest) in _FLOAT8_NON_FINITE.items():
-        if t.dtype == getattr(torch, attr, None):
-            u = t.view(torch.uint8)
-            if u_first is not None and int(u.amax()) >= u_first:
-                return False
-            if i_first is not None and int(u.view(torch.int8).amax()) >= i_first:
-                return False
-            return not (i_lowest and int(u.view(torch.int8).amin()) == -128)
-    return True
+    return bool(finite_flag(t))
 
 
 def non_finite_error(p: str, name: str, shape) -> NonFiniteWeightError:

@@ -81,6 +81,14 @@ class WeightFormat:
         from (with check_finite=False) held only finite values."""
         raise NotImplementedError
 
+    def packed_finite(self, qw: QuantizedWeight) -> torch.Tensor:
+        """0-dim bool tensor on qw's device, no synchronisation: whether packed bytes read from a
+        file (not made here) decode to finite values: no NaN/Inf code in the data or the scale.
+        Formats whose codes the dtype does not say (E8M0 scales stored as uint8) override it."""
+        from ..checkpoint.reader import finite_flag
+
+        return finite_flag(qw.qdata) & finite_flag(qw.scale)
+
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         raise NotImplementedError
 

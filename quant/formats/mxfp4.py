@@ -280,6 +280,9 @@ class Mxfp4Format(WeightFormat):
         # get (their exponent is capped well below it)
         return (qw.scale.view(torch.uint8) != E8M0_NAN).all()
 
+    def packed_finite(self, qw: QuantizedWeight) -> torch.Tensor:
+        return self.finite(qw)  # E2M1 codes are all finite: only a NaN block scale decodes to NaN
+
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize(qw.qdata, qw.scale, dtype)
 

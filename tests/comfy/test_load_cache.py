@@ -171,6 +171,42 @@ def test_a_damaged_cache_file_is_ignored_with_a_warning_and_written_again(mods, 
     assert HIT in _notes(rep) and not rep.warnings and torch.equal(y1, y3)
 
 
+def _nan_code(path, fmt):
+    """Set one byte of the first packed weight to a NaN code (FP8 e4m3fn 0x7F; MXFP4's E2M1 codes
+    have none, so its first block scale becomes E8M0's NaN 0xFF), keeping the file valid."""
+    import json
+    import struct
+
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    suffix = ".weight" if fmt.startswith("fp8") else ".weight_scale"
+    name = next(
+        k for k, v in header.items() if k.endswith(suffix) and v["dtype"] in ("F8_E4M3", "U8", "F8_E8M0")
+    )
+    data[8 + n + header[name]["data_offsets"][0]] = 0x7F if fmt.startswith("fp8") else 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["read_at_open", "read_as_layers_load"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "mxfp4"])
+def test_nan_codes_in_a_cache_file_are_damage(mods, wan, tmp_path, monkeypatch, fmt, lazy):
+    """A hit checks the packed bytes where they land (on a GPU, without a host scan): a NaN code
+    in the data (FP8) or in a block scale (MXFP4, E8M0 stored as uint8) is damage. The tiny
+    model's tensors are small enough to be read when the file opens; `lazy` makes every tensor
+    wait for its layer, as a real model's large ones do."""
+    if lazy:
+        monkeypatch.setattr(mods.nodes.loader, "_EAGER_BYTES", 0)
+    cache = tmp_path / "cache"
+    _, bits1, y1 = _load(mods, wan, cache, fmt)
+    (name,) = _files(cache)
+    _nan_code(cache / name, fmt)
+    rep, bits2, y2 = _load(mods, wan, cache, fmt)
+    (w,) = rep.warnings
+    assert w.startswith("quantized cache: ignored a damaged cache file (") and "NaN" in w, w
+    assert MISS in _notes(rep) and _same(bits1, bits2) and torch.equal(y1, y2)
+
+
 def test_the_folder_keeps_to_its_limit_least_recently_used_first(mods, wan, tmp_path):
     cache = tmp_path / "cache"
     texts = {"a": "# auto\n", "b": "# auto\nblocks.0.ffn\n", "c": "# auto\nblocks.1.ffn\n"}
@@ -213,3 +249,4 @@ def test_the_node_input_is_off_by_default_and_the_folder_is_comfyuis(mods):
     folder = mods.nodes.load_cache.cache_folder()
     assert folder == os.path.join(folder_paths.models_dir, "online_quant_cache")
     assert folder_paths.get_folder_paths("online_quant_cache")[0] == folder
+

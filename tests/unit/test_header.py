@@ -318,8 +318,9 @@ def test_lazy_state_dict_truncated_file_raises_checkpoint_error(tmp_path):
 )
 def test_all_finite_finds_every_non_finite_float8_byte(attr):
     """all_finite's float8 check (reductions over the bytes) against the values themselves, for every
-    one of the 256 bytes, alone and among finite bytes at either end of a tensor."""
-    from quant.checkpoint.reader import all_finite
+    one of the 256 bytes, alone and among finite bytes at either end of a tensor; finite_flag (the
+    same check left on the device, no synchronisation) agrees."""
+    from quant.checkpoint.reader import all_finite, finite_flag
 
     dtype = getattr(torch, attr, None)
     if dtype is None:
@@ -331,3 +332,5 @@ def test_all_finite_finds_every_non_finite_float8_byte(attr):
         expected = bool(torch.isfinite(t.float()).all())
         assert all_finite(t) == expected, (attr, hex(b))
         assert all_finite(torch.cat([finite, t, finite])) == expected, (attr, hex(b))
+        flag = finite_flag(torch.cat([finite, t, finite]))
+        assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag) == expected, (attr, hex(b))
