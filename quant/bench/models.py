@@ -161,19 +161,23 @@ def _aliased(model: torch.nn.Module, src_ptrs: set[int]) -> int:
     return total
 
 
-def _attention_override():
-    """The attention node's FP8 attention as a ComfyUI override (None when not available)."""
-    try:
-        attn = _pack("quant.attention.fp8")
-    except Exception as e:  # the FP8 attention module missing or broken: reported as skipped
-        log.warning("FP8 attention not available: %s", e)
-        return None
-
-    def override(func, *args, **kwargs):
-        out = attn.comfy_fp8_attention(*args, **kwargs)
-        return func(*args, **kwargs) if out is None else out
-
-    return override
+def _attention_overrides(names: str) -> list[tuple[str, object]]:
+    """[(row suffix, override)] for the attention node's backends named in `names` (comma list,
+    e.g. "fp8,cudnn_fp8"), each the node's own AttentionOverride (nodes/attention.py): calls a
+    backend can't take fall back to ComfyUI's attention as in a workflow. Unavailable backends
+    are reported and left out."""
+    out = []
+    for backend in [b for b in names.split(",") if b]:
+        try:
+            attn = _pack("nodes.attention")
+            why = attn.ATTENTION_BACKENDS[backend].available()
+        except Exception as e:  # ComfyUI's attention module or the backend table missing
+            why = f"{type(e).__name__}: {e}"
+        if why is not None:
+            log.warning("attention %s not available: %s", backend, why)
+            continue
+        out.append((f"+{backend}_attention", attn.AttentionOverride(backend, "bench")))
+    return out
 
 
 # ---------------------------------------------------------------- building the variants
@@ -263,7 +267,12 @@ def add_args(parser) -> None:
         "--models", default="zimage,wan22_5b", help="comma list of zimage, wan22_5b, wan21_t2v_14b"
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
-    parser.add_argument("--no-attention", action="store_true", help="skip the FP8-attention combinations")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention combinations")
+    parser.add_argument(
+        "--attention",
+        default="fp8",
+        help="attention node backends to combine with each variant (comma list, e.g. fp8,cudnn_fp8)",
+    )
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -274,7 +283,8 @@ def add_args(parser) -> None:
 def run(args, device: torch.device) -> list[dict]:
     comfy = _comfy()  # noqa: F841  (imported for its side: CPU mode when there is no GPU)
     rows = []
-    attn = None if getattr(args, "no_attention", False) else _attention_override()
+    backends = "" if getattr(args, "no_attention", False) else getattr(args, "attention", "fp8")
+    attn = _attention_overrides(backends)
     for name in [m for m in getattr(args, "models", "zimage,wan22_5b").split(",") if m]:
         quick = args.quick
         src = _build(name, quick, _comfy().ops.disable_weight_init, device)
@@ -295,9 +305,7 @@ def run(args, device: torch.device) -> list[dict]:
                 rows.append(dict(row_base, variant=variant, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
             wbytes = _nbytes(model, records)
-            combos = [("", None)] + (
-                [("+fp8_attention", {"optimized_attention_override": attn})] if attn else []
-            )
+            combos = [("", None)] + [(sfx, {"optimized_attention_override": o}) for sfx, o in attn]
             # --compiled: the model under torch.compile as ComfyUI's TorchCompileModel node applies
             # it (Inductor, default mode, inference mode), against compiled bf16
             combos += [("+compiled", None)] if getattr(args, "compiled", False) else []
