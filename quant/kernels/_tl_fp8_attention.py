@@ -4,20 +4,17 @@ quant/kernels/fp8_attention.py holds the launcher and the explanation of the sch
 import triton
 import triton.language as tl
 
+from ._tl_common import round_to_e4m3
+
 
 @triton.jit
 def _to_fp8(x, INTERP: tl.constexpr):
     # x is fp32 and already within ±448. Under TRITON_INTERPRET=1 (INTERP) Triton's fp32->fp8 cast does
-    # not carry a mantissa round-up into the exponent (7.93 -> 4.0), so round to 3 mantissa bits
-    # (nearest, ties to even) by hand first; the cast of the rounded value is then exact. On the
-    # GPU the hardware cast (cvt.rn.satfinite) is already right and this costs nothing.
+    # not carry a mantissa round-up into the exponent (7.93 -> 4.0), so round to e4m3 (nearest, ties
+    # to even, subnormals included) by hand first; the cast of the rounded value is then exact. On
+    # the GPU the hardware cast (cvt.rn.satfinite) is already right and this costs nothing.
     if INTERP:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFFF + ((bits >> 20) & 1)
-        bits = bits & 0xFFF00000
-        # below 2**-6 e4m3 is subnormal (steps of 2**-9), which the interpreter truncates too
-        sub = tl.floor(x * 512.0 + 0.5) / 512.0
-        x = tl.where(tl.abs(x) < 0.015625, sub, bits.to(tl.float32, bitcast=True))
+        x = round_to_e4m3(x, False)
     return x.to(tl.float8e4nv)
 
 
