@@ -163,7 +163,8 @@ def quantize_qkv_reference(
     out = []
     for xf, x in ((qf, q), (kf, k), (vf, v)):
         amax = xf.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)  # all-zero input: finite scale
-        out.append((_to_fp8_like(xf, FP8_MAX / amax, x), (amax / FP8_MAX).contiguous()))
+        # the scale is (1/amax)·448, spelled out: what `FP8_MAX / amax` computes in PyTorch
+        out.append((_to_fp8_like(xf, amax.reciprocal() * FP8_MAX, x), (amax / FP8_MAX).contiguous()))
     (q8, dq), (k8, dk), (v8, dv) = out
     # per-head descales: the largest one (the graph takes one scale_o)
     descale_o = dv.amax().reshape(1, 1, 1, 1) * O_HEADROOM

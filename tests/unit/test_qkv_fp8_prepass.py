@@ -4,20 +4,33 @@ under TRITON_INTERPRET=1 at small shapes, with the dequantization of O."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import pytest
 import torch
 
 from quant.attention import cudnn_fp8 as C
+from quant.kernels import qkv_fp8 as QK
+
+needs_interp = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels run on the CPU only under TRITON_INTERPRET=1 (tests/run.sh sets it)",
+)
+BF16, F16 = torch.bfloat16, torch.float16
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def make_qkv(b=1, h=2, length=24, d=64, *, seed=0, layout="bhld", dtype=torch.bfloat16, outliers=False):
-    """[B,H,L,D] tensors: 'bhld' contiguous, 'blhd' views of [B,L,H,D] memory (Wan's layout).
-    `outliers`: a few channels x20, in Q and in K apart, and a channel bias on K."""
+def make_qkv(b=1, h=2, length=24, d=64, *, lk=None, seed=0, layout="bhld", dtype=BF16, outliers=False):
+    """[B,H,L,D] tensors (K and V of length `lk`, default `length`): 'bhld' contiguous, 'blhd'
+    views of [B,L,H,D] memory (Wan's layout). `outliers`: a few channels x20, in Q and in K
+    apart, and a channel bias on K."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, length, h, d, generator=g) for _ in range(3))
+    lk = length if lk is None else lk
+    q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (length, lk, lk))
     if outliers:
         ch = torch.randperm(d, generator=g)[:8]
         q[..., ch[:4]] *= 20
@@ -70,3 +83,93 @@ def test_balancing_leaves_zero_channels_alone():
     x = C.quantize_qkv_reference(q, k, v, balance=True)
     assert all(torch.isfinite(t.float()).all() for t in (x.q, x.k, x.v, x.descale_q, x.descale_k))
     assert not x.q.float()[..., :8].any() and not x.k.float()[..., 8:16].any()
+
+
+# --------------------------------------------------------------------------- Triton vs reference
+def ordered_codes(x8: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as integers that count e4m3 steps (sign and magnitude to signed; ±0 are 0)."""
+    bits = x8.view(torch.uint8).int()
+    mag = bits & 0x7F
+    return torch.where(bits >= 0x80, -mag, mag)
+
+
+def fields(x: C.FP8QKV) -> tuple:
+    return x.q, x.k, x.v, x.descale_q, x.descale_k, x.descale_v, x.descale_o, x.scale_o
+
+
+def assert_matches_reference(x: tuple, ref: C.FP8QKV, *, exact_q: bool = True) -> None:
+    """Descales to 1e-5; V's codes (and Q's without balancing) equal; K's (and balanced Q's, whose
+    factors come from K's mean) within one e4m3 step, since the kernel sums K in another order."""
+    q8, k8, v8, dq, dk, dv, do, so = x
+    for name, got, want in (("q", q8, ref.q), ("k", k8, ref.k), ("v", v8, ref.v)):
+        assert got.dtype == torch.float8_e4m3fn and got.shape == want.shape and got.stride() == want.stride()
+        steps = (ordered_codes(got) - ordered_codes(want)).abs()
+        assert int(steps.max()) <= (0 if name == "v" or (name == "q" and exact_q) else 1), name
+        assert float((steps > 0).float().mean()) < 0.01, name  # a few ties flip, not more
+    for got, want in ((dq, ref.descale_q), (dk, ref.descale_k), (dv, ref.descale_v), (do, ref.descale_o)):
+        assert got.shape == want.shape and got.stride() == want.stride() and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(so, ref.scale_o, rtol=1e-5, atol=0)
+
+
+SHAPES = [  # (B, H, LQ, LK, D): lengths that cross the interpreter's 16-row blocks, and cross-attention
+    (1, 2, 40, 40, 64),
+    (2, 3, 37, 37, 128),
+    (2, 2, 24, 40, 64),
+    (1, 3, 48, 17, 128),
+]
+FLAGS = [  # (granularity, smooth_k, balance, layout): all of them
+    (g, sm, bal, lay)
+    for g in ("tensor", "head")
+    for sm in (True, False)
+    for bal in (False, True)
+    for lay in ("bhld", "blhd")
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("case", range(len(FLAGS)))
+def test_triton_pass_matches_reference(case):
+    granularity, smooth, balance, layout = FLAGS[case]
+    b, h, lq, lk, d = SHAPES[case % len(SHAPES)]
+    dtype = (BF16, F16)[(case // len(SHAPES)) % 2]
+    q, k, v = make_qkv(b, h, lq, d, lk=lk, layout=layout, dtype=dtype, outliers=True, seed=case)
+    opts = dict(granularity=granularity, smooth_k=smooth, balance=balance)
+    got = QK.quantize_qkv_triton(q, k, v, **opts, o_headroom=C.O_HEADROOM)
+    assert got[0].stride() == q.stride() and got[1].stride() == k.stride()  # the inputs' layouts
+    assert_matches_reference(got, C.quantize_qkv_reference(q, k, v, **opts), exact_q=not balance)
+
+
+@needs_interp
+@pytest.mark.parametrize("granularity", ["tensor", "head"])
+def test_all_zero_inputs_get_finite_scales(granularity):
+    q, k, v = (torch.zeros_like(t) for t in make_qkv(2, 2, 20, 64, layout="blhd"))
+    opts = dict(granularity=granularity, smooth_k=True, balance=True)
+    got = QK.quantize_qkv_triton(q, k, v, **opts, o_headroom=C.O_HEADROOM)
+    assert all(not t.float().any() for t in got[:3])
+    assert all(torch.isfinite(t).all() and (t > 0).all() for t in got[3:])
+    assert_matches_reference(got, C.quantize_qkv_reference(q, k, v, **opts))
+
+
+# --------------------------------------------------------------------------- O's dequantization
+@needs_interp
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_dequantize_o_matches_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    b, h, length, d = 2, 3, 50, 64
+    o = torch.randn(b, length, h, d, generator=g) * 100
+    o8 = o.clamp(-448, 448).to(torch.float8_e4m3fn).transpose(1, 2)  # [B,H,L,D] view of [B,L,H,D]
+    descale = torch.full((1, 1, 1, 1), 0.0123)
+    got = QK.dequantize_o_triton(o8, descale, dtype)
+    want = C.dequantize_o_reference(o8, descale, dtype)
+    assert got.dtype == dtype and got.stride() == o8.stride() == want.stride()
+    assert torch.equal(got, want)
+
+
+def test_stats_chunking():
+    # GPU: ~1024 programs in all, at most 64 chunks per (batch, head), chunks a multiple of the block
+    assert QK.stats_chunking(4096, 30, 32, gpu=True) == (128, 32)  # Z-Image: 960 programs
+    assert QK.stats_chunking(75600, 40, 32, gpu=True) == (2912, 26)
+    assert QK.stats_chunking(4096, 1, 32, gpu=True) == (64, 64)
+    assert QK.stats_chunking(20, 30, 32, gpu=True) == (32, 1)
+    assert QK.stats_chunking(40, 6, 16, gpu=False) == (16, 3)  # interpreter: one block per chunk
