@@ -6,6 +6,10 @@ first smoothed by subtracting its mean over tokens (softmax is unchanged by addi
 every logit of a row, so this is exact and lowers K's amax when K has a channel bias); cuDNN
 computes softmax(Q·Kᵀ/√D)·V with P in FP8 (scale `SCALE_S`) and writes O in FP8 (on Hopper
 cuDNN takes FP8 inputs only with an FP8 output); O is dequantized to the input dtype here.
+Optionally (`balance`) Q/s and K·s per channel, as the 8-bit Triton attention does. The pre-pass
+and O's dequantization run as Triton kernels (quant/kernels/qkv_fp8.py: one read of Q/K/V for
+the statistics, one small finish kernel, one cast; no host sync) where Triton runs; their
+PyTorch references here are the specification and the fallback.
 
 O = P·V with each row of P summing to 1 is a convex combination of V's rows, so |O| <= amax(V):
 scale_o = 1 / (descale_v · O_HEADROOM) maps O into e4m3 without saturating, and its inverse
@@ -31,7 +35,9 @@ from typing import Any
 import torch
 
 from ..errors import BackendUnavailableError
+from ..kernels import can_run_triton
 from ..kernels.fp8_attention import balance_factors
+from ..kernels.qkv_fp8 import dequantize_o_triton, is_dense, quantize_qkv_triton
 
 PACKAGE = "nvidia-cudnn-frontend"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -171,6 +177,12 @@ def quantize_qkv_reference(
     return FP8QKV(q8, k8, v8, dq, dk, dv, descale_o, 1.0 / descale_o)
 
 
+def _triton_ok(*ts: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these tensors: Triton runs on their device (a GPU, or the
+    CPU under TRITON_INTERPRET=1; see quant/kernels), none is empty, the head dim is unit-stride."""
+    return can_run_triton(ts[0].device) and all(t.numel() and t.stride(-1) == 1 for t in ts)
+
+
 def quantize_qkv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,14 +192,31 @@ def quantize_qkv(
     smooth_k: bool = True,
     balance: bool = False,
 ) -> FP8QKV:
-    """The pre-pass the backend runs. Today the reference; a fused Triton pass goes here."""
-    return quantize_qkv_reference(q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance)
+    """The pre-pass the backend runs: the fused Triton pass (quant/kernels/qkv_fp8.py: three
+    launches, no host sync) where Triton can run, else the reference. Same results, up to the
+    order of the fp32 sum for K's mean (a code may then move by one e4m3 step)."""
+    _check_granularity(granularity)
+    if not _triton_ok(q, k, v):
+        return quantize_qkv_reference(q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance)
+    return FP8QKV(
+        *quantize_qkv_triton(
+            q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance, o_headroom=O_HEADROOM
+        )
+    )
 
 
 def dequantize_o_reference(o8: torch.Tensor, descale_o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """O in `dtype` from cuDNN's FP8 output: o8.float() * descale_o (a one-element tensor), in
     o8's layout."""
     return (o8.float() * descale_o).to(dtype)
+
+
+def dequantize_o(o8: torch.Tensor, descale_o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_o_reference` in one Triton launch where it can run (o8 dense, as cuDNN's
+    output here always is), else the reference."""
+    if _triton_ok(o8) and is_dense(o8):
+        return dequantize_o_triton(o8, descale_o, dtype)
+    return dequantize_o_reference(o8, descale_o, dtype)
 
 
 # --------------------------------------------------------------------------- graphs
@@ -319,7 +348,7 @@ def cudnn_fp8_attention(
         t["o"]: o8.view(b8), t["amax_s"]: amax[0], t["amax_o"]: amax[1],
     }  # fmt: skip
     g.graph.execute(pack, g.workspace, handle=handle)
-    return dequantize_o_reference(o8, x.descale_o, q.dtype)
+    return dequantize_o(o8, x.descale_o, q.dtype)
 
 
 __all__ = [
@@ -329,6 +358,7 @@ __all__ = [
     "clear_graph_cache",
     "cudnn_fp8_attention",
     "cudnn_module",
+    "dequantize_o",
     "dequantize_o_reference",
     "graph_cache_size",
     "graph_key",

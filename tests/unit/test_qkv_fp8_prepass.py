@@ -151,6 +151,23 @@ def test_all_zero_inputs_get_finite_scales(granularity):
     assert_matches_reference(got, C.quantize_qkv_reference(q, k, v, **opts))
 
 
+@needs_interp
+def test_quantize_qkv_takes_the_triton_pass_and_balancing_keeps_q_kt(monkeypatch):
+    q, k, v = make_qkv(1, 2, 40, 64, layout="blhd", outliers=True)
+    calls = []
+    triton_pass = C.quantize_qkv_triton
+    monkeypatch.setattr(C, "quantize_qkv_triton", lambda *a, **kw: calls.append(kw) or triton_pass(*a, **kw))
+    x = C.quantize_qkv(q, k, v, granularity="head", balance=True)
+    assert len(calls) == 1 and calls[0]["o_headroom"] == C.O_HEADROOM and calls[0]["balance"] is True
+    assert x.descale_q.shape == (1, 2, 1, 1) and x.scale_o.shape == (1, 1, 1, 1)
+    exact = q.float() @ (k.float() - k.float().mean(dim=2, keepdim=True)).transpose(-1, -2)
+    assert rel(qk(x), exact) < 0.05
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton can't run here now: the reference
+    ref = C.quantize_qkv(q, k, v, granularity="head", balance=True)
+    assert len(calls) == 1
+    assert_matches_reference(fields(ref), C.quantize_qkv_reference(q, k, v, granularity="head", balance=True))
+
+
 # --------------------------------------------------------------------------- O's dequantization
 @needs_interp
 @pytest.mark.parametrize("dtype", [BF16, F16])
@@ -164,6 +181,16 @@ def test_dequantize_o_matches_reference(dtype):
     want = C.dequantize_o_reference(o8, descale, dtype)
     assert got.dtype == dtype and got.stride() == o8.stride() == want.stride()
     assert torch.equal(got, want)
+    assert C.dequantize_o(o8, descale, dtype).stride() == o8.stride()
+
+
+def test_dequantize_o_falls_back_where_o8_is_not_dense():
+    o8 = torch.ones(1, 2, 8, 64).to(torch.float8_e4m3fn)[:, :, ::2]
+    assert (
+        not QK.is_dense(o8) and QK.is_dense(o8.contiguous()) and QK.is_dense(o8.contiguous().transpose(1, 2))
+    )
+    out = C.dequantize_o(o8, torch.full((1, 1, 1, 1), 0.5), BF16)
+    assert out.shape == o8.shape and torch.equal(out, torch.full(o8.shape, 0.5, dtype=BF16))
 
 
 def test_stats_chunking():
