@@ -177,10 +177,23 @@ def quantize_qkv_reference(
     return FP8QKV(q8, k8, v8, dq, dk, dv, descale_o, 1.0 / descale_o)
 
 
+def fp8_triton_device(device: torch.device) -> bool:
+    """Whether Triton's e4m3fn (float8e4nv) works on `device`: an NVIDIA GPU of sm_89 or newer
+    (cuDNN's FP8 attention itself needs sm_90; ROCm has e4m3fnuz instead), or the CPU, where
+    can_run_triton allows only the interpreter."""
+    if device.type != "cuda":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _triton_ok(*ts: torch.Tensor) -> bool:
-    """Whether the Triton kernels take these tensors: Triton runs on their device (a GPU, or the
-    CPU under TRITON_INTERPRET=1; see quant/kernels), none is empty, the head dim is unit-stride."""
-    return can_run_triton(ts[0].device) and all(t.numel() and t.stride(-1) == 1 for t in ts)
+    """Whether the Triton kernels take these tensors: Triton runs on their device (a GPU with
+    e4m3fn, or the CPU under TRITON_INTERPRET=1; see quant/kernels), none is empty, and the head
+    dim is unit-stride."""
+    dev = ts[0].device
+    if not can_run_triton(dev) or not all(t.numel() and t.stride(-1) == 1 for t in ts):
+        return False
+    return fp8_triton_device(dev)
 
 
 def quantize_qkv(
@@ -360,6 +373,7 @@ __all__ = [
     "cudnn_module",
     "dequantize_o",
     "dequantize_o_reference",
+    "fp8_triton_device",
     "graph_cache_size",
     "graph_key",
     "missing_package_message",

@@ -62,6 +62,8 @@ def quantize_qkv_triton(
     inputs' layouts (empty_like), descales [1,1,1,1] (granularity "tensor") or [1,H,1,1] ("head",
     over all batches), descale_o = largest descale_v · o_headroom and scale_o = 1 / descale_o, all
     fp32 on the inputs' device. q [B,H,LQ,D], k/v [B,H,LK,D], stride(-1) == 1, non-empty."""
+    if granularity not in ("tensor", "head"):
+        raise ValueError(f"granularity {granularity!r}: choose tensor or head")
     from . import _tl_fp8_attention as tla
     from . import _tl_qkv_fp8 as tlq
 

@@ -193,6 +193,19 @@ def test_dequantize_o_falls_back_where_o8_is_not_dense():
     assert out.shape == o8.shape and torch.equal(out, torch.full(o8.shape, 0.5, dtype=BF16))
 
 
+def test_triton_only_where_e4m3fn_works(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cap, ok in (((9, 0), True), ((8, 9), True), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=cap: c)
+        assert C.fp8_triton_device(cuda) is ok
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm has e4m3fnuz, not e4m3fn
+    assert not C.fp8_triton_device(cuda)
+    assert C.fp8_triton_device(torch.device("cpu"))  # the interpreter (can_run_triton decides)
+    with pytest.raises(ValueError, match="granularity"):
+        QK.quantize_qkv_triton(*make_qkv(), granularity="token")
+
+
 def test_stats_chunking():
     # GPU: ~1024 programs in all, at most 64 chunks per (batch, head), chunks a multiple of the block
     assert QK.stats_chunking(4096, 30, 32, gpu=True) == (128, 32)  # Z-Image: 960 programs
