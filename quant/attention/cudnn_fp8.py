@@ -6,6 +6,10 @@ first smoothed by subtracting its mean over tokens (softmax is unchanged by addi
 every logit of a row, so this is exact and lowers K's amax when K has a channel bias); cuDNN
 computes softmax(Q·Kᵀ/√D)·V with P in FP8 (scale `SCALE_S`) and writes O in FP8 (on Hopper
 cuDNN takes FP8 inputs only with an FP8 output); O is dequantized to the input dtype here.
+Optionally (`balance`) Q/s and K·s per channel, as the 8-bit Triton attention does. The pre-pass
+and O's dequantization run as Triton kernels (quant/kernels/qkv_fp8.py: one read of Q/K/V for
+the statistics, one small finish kernel, one cast; no host sync) where Triton runs; their
+PyTorch references here are the specification and the fallback.
 
 O = P·V with each row of P summing to 1 is a convex combination of V's rows, so |O| <= amax(V):
 scale_o = 1 / (descale_v · O_HEADROOM) maps O into e4m3 without saturating, and its inverse
@@ -31,6 +35,9 @@ from typing import Any
 import torch
 
 from ..errors import BackendUnavailableError
+from ..kernels import can_run_triton
+from ..kernels.fp8_attention import balance_factors
+from ..kernels.qkv_fp8 import dequantize_o_triton, is_dense, quantize_qkv_triton
 
 PACKAGE = "nvidia-cudnn-frontend"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -108,7 +115,11 @@ def unsupported_reason(
 @dataclass
 class FP8QKV:
     """FP8 e4m3 Q, K (smoothed), V in the inputs' layouts, and their fp32 descales
-    ([1,1,1,1] per tensor or [1,H,1,1] per head): x ≈ x8.float() * descale."""
+    ([1,1,1,1] per tensor or [1,H,1,1] per head): x ≈ x8.float() * descale. With balancing, x is
+    Q/s and K·s (s per batch, head and channel), whose product Q·Kᵀ is the original one.
+    descale_o and scale_o ([1,1,1,1]) are O's FP8 scales (module docstring), made by the pre-pass
+    so that the attention call needs no further ops (optional only so that the record can still
+    be built from the six tensors above)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -116,12 +127,19 @@ class FP8QKV:
     descale_q: torch.Tensor
     descale_k: torch.Tensor
     descale_v: torch.Tensor
+    descale_o: torch.Tensor | None = None
+    scale_o: torch.Tensor | None = None
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
 
 
 def _to_fp8_like(x: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # empty_like keeps a dense permuted layout ([B,L,H,D] memory seen as [B,H,L,D]) as it is
     out = torch.empty_like(like, dtype=_FP8)
-    out.copy_((x * scale).clamp(-FP8_MAX, FP8_MAX))
+    out.copy_((x * scale).clamp(-FP8_MAX, FP8_MAX))  # PyTorch's cast rounds to nearest, ties to even
     return out
 
 
@@ -132,29 +150,86 @@ def quantize_qkv_reference(
     *,
     granularity: str = "tensor",
     smooth_k: bool = True,
+    balance: bool = False,
 ) -> FP8QKV:
     """The pre-pass in plain PyTorch (fp32 maths): q/k/v [B,H,L,D] bf16/fp16, any dense layout.
     Each scale maps its amax to 448; K's mean over tokens (per batch, head, channel) is
-    subtracted first when `smooth_k`."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    subtracted first when `smooth_k`. `balance`: per (batch, head, channel) Q is multiplied by
+    1/s and K (smoothed) by s = sqrt(amax|Q| / amax|K|) (1 where either is 0, clamped to
+    [1e-4, 1e4]; the 8-bit Triton attention's balancing), which leaves Q·Kᵀ unchanged and keeps a
+    channel that is large in only one of Q, K from setting both their scales."""
+    _check_granularity(granularity)
     dims = (0, 1, 2, 3) if granularity == "tensor" else (0, 2, 3)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if smooth_k:
+        kf = kf - kf.mean(dim=2, keepdim=True)
+    if balance:
+        inv_s, s = balance_factors(qf.abs().amax(dim=2, keepdim=True), kf.abs().amax(dim=2, keepdim=True))
+        qf, kf = qf * inv_s, kf * s
     out = []
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        xf = x.float()
-        if name == "k" and smooth_k:
-            xf = xf - xf.mean(dim=2, keepdim=True)
+    for xf, x in ((qf, q), (kf, k), (vf, v)):
         amax = xf.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)  # all-zero input: finite scale
-        out.append((_to_fp8_like(xf, FP8_MAX / amax, x), (amax / FP8_MAX).contiguous()))
+        # the scale is (1/amax)·448, spelled out: what `FP8_MAX / amax` computes in PyTorch
+        out.append((_to_fp8_like(xf, amax.reciprocal() * FP8_MAX, x), (amax / FP8_MAX).contiguous()))
     (q8, dq), (k8, dk), (v8, dv) = out
-    return FP8QKV(q8, k8, v8, dq, dk, dv)
+    # per-head descales: the largest one (the graph takes one scale_o)
+    descale_o = dv.amax().reshape(1, 1, 1, 1) * O_HEADROOM
+    return FP8QKV(q8, k8, v8, dq, dk, dv, descale_o, 1.0 / descale_o)
+
+
+def fp8_triton_device(device: torch.device) -> bool:
+    """Whether Triton's e4m3fn (float8e4nv) works on `device`: an NVIDIA GPU of sm_89 or newer
+    (cuDNN's FP8 attention itself needs sm_90; ROCm has e4m3fnuz instead), or the CPU, where
+    can_run_triton allows only the interpreter."""
+    if device.type != "cuda":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _triton_ok(*ts: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these tensors: Triton runs on their device (a GPU with
+    e4m3fn, or the CPU under TRITON_INTERPRET=1; see quant/kernels), none is empty, and the head
+    dim is unit-stride."""
+    dev = ts[0].device
+    if not can_run_triton(dev) or not all(t.numel() and t.stride(-1) == 1 for t in ts):
+        return False
+    return fp8_triton_device(dev)
 
 
 def quantize_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granularity: str = "tensor", smooth_k: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    granularity: str = "tensor",
+    smooth_k: bool = True,
+    balance: bool = False,
 ) -> FP8QKV:
-    """The pre-pass the backend runs. Today the reference; a fused Triton pass goes here."""
-    return quantize_qkv_reference(q, k, v, granularity=granularity, smooth_k=smooth_k)
+    """The pre-pass the backend runs: the fused Triton pass (quant/kernels/qkv_fp8.py: three
+    launches, no host sync) where Triton can run, else the reference. Same results, up to the
+    order of the fp32 sum for K's mean (a code may then move by one e4m3 step)."""
+    _check_granularity(granularity)
+    if not _triton_ok(q, k, v):
+        return quantize_qkv_reference(q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance)
+    return FP8QKV(
+        *quantize_qkv_triton(
+            q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance, o_headroom=O_HEADROOM
+        )
+    )
+
+
+def dequantize_o_reference(o8: torch.Tensor, descale_o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """O in `dtype` from cuDNN's FP8 output: o8.float() * descale_o (a one-element tensor), in
+    o8's layout."""
+    return (o8.float() * descale_o).to(dtype)
+
+
+def dequantize_o(o8: torch.Tensor, descale_o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_o_reference` in one Triton launch where it can run (o8 dense, as cuDNN's
+    output here always is), else the reference."""
+    if _triton_ok(o8) and is_dense(o8):
+        return dequantize_o_triton(o8, descale_o, dtype)
+    return dequantize_o_reference(o8, descale_o, dtype)
 
 
 # --------------------------------------------------------------------------- graphs
@@ -258,13 +333,14 @@ def cudnn_fp8_attention(
     *,
     granularity: str = "tensor",
     smooth_k: bool = True,
+    balance: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ/√D) v through cuDNN's FP8 SDPA. q/k/v [B,H,L,D] bf16/fp16 (any dense layout,
     e.g. [B,L,H,D] memory); returns [B,H,L,D] in q.dtype, a view of [B,L,H,D] memory so the
-    caller's transpose back to [B,L,H·D] costs no copy."""
+    caller's transpose back to [B,L,H·D] costs no copy. `balance`: see quantize_qkv_reference."""
     cudnn = cudnn_module()
     B, H, LQ, D = q.shape
-    x = quantize_qkv(q, k, v, granularity=granularity, smooth_k=smooth_k)
+    x = quantize_qkv(q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance)
     o8 = torch.empty((B, LQ, H, D), dtype=_FP8, device=q.device).transpose(1, 2)
     attn_scale = 1.0 / math.sqrt(D)
     key = graph_key(x, o8, attn_scale)
@@ -272,8 +348,6 @@ def cudnn_fp8_attention(
     handle = _handle(cudnn, q.device)
     if g is None:
         g = _GRAPHS[key] = build_graph(cudnn, x, o8, attn_scale, handle)
-    # per-head descales: the largest one (the graph takes one scale_o)
-    descale_o = x.descale_v.amax().reshape(1, 1, 1, 1) * O_HEADROOM
     descale_s, scale_s = _softmax_consts(q.device)
     amax = torch.empty((2, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
     t = g.tensors
@@ -283,11 +357,11 @@ def cudnn_fp8_attention(
     pack = {
         t["q"]: x.q.view(b8), t["k"]: x.k.view(b8), t["v"]: x.v.view(b8),
         t["descale_q"]: x.descale_q, t["descale_k"]: x.descale_k, t["descale_v"]: x.descale_v,
-        t["descale_s"]: descale_s, t["scale_s"]: scale_s, t["scale_o"]: 1.0 / descale_o,
+        t["descale_s"]: descale_s, t["scale_s"]: scale_s, t["scale_o"]: x.scale_o,
         t["o"]: o8.view(b8), t["amax_s"]: amax[0], t["amax_o"]: amax[1],
     }  # fmt: skip
     g.graph.execute(pack, g.workspace, handle=handle)
-    return (o8.float() * descale_o).to(q.dtype)
+    return dequantize_o(o8, x.descale_o, q.dtype)
 
 
 __all__ = [
@@ -297,6 +371,9 @@ __all__ = [
     "clear_graph_cache",
     "cudnn_fp8_attention",
     "cudnn_module",
+    "dequantize_o",
+    "dequantize_o_reference",
+    "fp8_triton_device",
     "graph_cache_size",
     "graph_key",
     "missing_package_message",

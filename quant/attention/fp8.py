@@ -35,8 +35,8 @@ def _fp8_round(x: torch.Tensor) -> torch.Tensor:
     bits = x.view(torch.int32)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # keep 3 mantissa bits
     normal = bits.view(torch.float32)
-    # below 2**-6 e4m3 is subnormal: multiples of 2**-9
-    return torch.where(x.abs() < 2.0**-6, torch.floor(x * 512.0 + 0.5) / 512.0, normal)
+    # below 2**-6 e4m3 is subnormal: multiples of 2**-9 (torch.round: ties to even, as cvt.rn)
+    return torch.where(x.abs() < 2.0**-6, torch.round(x * 512.0) / 512.0, normal)
 
 
 def _quantize_rows(x: torch.Tensor, qk_int8: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,20 +4,17 @@ quant/kernels/fp8_attention.py holds the launcher and the explanation of the sch
 import triton
 import triton.language as tl
 
+from ._tl_common import round_to_e4m3
+
 
 @triton.jit
 def _to_fp8(x, INTERP: tl.constexpr):
     # x is fp32 and already within ±448. Under TRITON_INTERPRET=1 (INTERP) Triton's fp32->fp8 cast does
-    # not carry a mantissa round-up into the exponent (7.93 -> 4.0), so round to 3 mantissa bits
-    # (nearest, ties to even) by hand first; the cast of the rounded value is then exact. On the
-    # GPU the hardware cast (cvt.rn.satfinite) is already right and this costs nothing.
+    # not carry a mantissa round-up into the exponent (7.93 -> 4.0), so round to e4m3 (nearest, ties
+    # to even, subnormals included) by hand first; the cast of the rounded value is then exact. On
+    # the GPU the hardware cast (cvt.rn.satfinite) is already right and this costs nothing.
     if INTERP:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFFF + ((bits >> 20) & 1)
-        bits = bits & 0xFFF00000
-        # below 2**-6 e4m3 is subnormal (steps of 2**-9), which the interpreter truncates too
-        sub = tl.floor(x * 512.0 + 0.5) / 512.0
-        x = tl.where(tl.abs(x) < 0.015625, sub, bits.to(tl.float32, bitcast=True))
+        x = round_to_e4m3(x, False)
     return x.to(tl.float8e4nv)
 
 
@@ -205,43 +202,66 @@ def attn_fwd_kernel(
 
 @triton.jit
 def stats_kernel(
-    q_ptr, k_ptr, part_ptr,
-    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    q_ptr, k_ptr, v_ptr, part_ptr,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     H, LQ, LK, NCHUNK, CHUNK,
-    D: tl.constexpr, BLOCK: tl.constexpr, BALANCE: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, BALANCE: tl.constexpr, QKV: tl.constexpr,
 ):  # fmt: skip
     """Partial per-channel statistics over one chunk of tokens of one (batch, head): sum of K,
-    and with BALANCE min/max of K and amax|Q|. Written to part[bh, chunk, 4, D]; the launcher
+    and with BALANCE min/max of K and amax|Q|. Written to part[bh, chunk, 4, DP]; the launcher
     finishes the (short) reduction over chunks. One read of Q and K instead of PyTorch's three
-    strided reductions."""
+    strided reductions.
+    QKV (the cuDNN FP8 pre-pass, quant/kernels/qkv_fp8.py) also reads V (K's length) for amax|V|
+    and always takes K's min/max and amax|Q|, which its scales need balanced or not: part is then
+    [bh, chunk, 5, DP]. DP is D rounded up to a power of two; the extra channels read as zeros."""
+    NPART: tl.constexpr = 5 if QKV else 4
+    EXTREMES: tl.constexpr = BALANCE or QKV
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_d = tl.arange(0, D)
-    ksum = tl.zeros([D], tl.float32)
-    kmin = tl.full([D], float("inf"), tl.float32)
-    kmax = tl.full([D], float("-inf"), tl.float32)
-    qabs = tl.zeros([D], tl.float32)
+    offs_d = tl.arange(0, DP)
+    d_ok = (offs_d < D)[None, :]
+    ksum = tl.zeros([DP], tl.float32)
+    kmin = tl.full([DP], float("inf"), tl.float32)
+    kmax = tl.full([DP], float("-inf"), tl.float32)
+    qabs = tl.zeros([DP], tl.float32)
+    vabs = tl.zeros([DP], tl.float32)
     # the loop bounds are plain arguments (not program ids): Triton 3.6's interpreter cannot
     # iterate a range whose bounds are tensors
     for i in range(0, CHUNK, BLOCK):
         offs = pid_c * CHUNK + i + tl.arange(0, BLOCK)
         okk = (offs < LK)[:, None]
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kl + offs_d[None, :],
-                    mask=okk, other=0.0).to(tl.float32)  # fmt: skip
+                    mask=okk & d_ok, other=0.0).to(tl.float32)  # fmt: skip
         ksum += tl.sum(k, axis=0)
-        if BALANCE:
+        if EXTREMES:
             kmin = tl.minimum(kmin, tl.min(tl.where(okk, k, float("inf")), axis=0))
             kmax = tl.maximum(kmax, tl.max(tl.where(okk, k, float("-inf")), axis=0))
             q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs[:, None] * stride_ql + offs_d[None, :],
-                        mask=(offs < LQ)[:, None], other=0.0).to(tl.float32)  # fmt: skip
+                        mask=(offs < LQ)[:, None] & d_ok, other=0.0).to(tl.float32)  # fmt: skip
             qabs = tl.maximum(qabs, tl.max(tl.abs(q), axis=0))
-    base = part_ptr + (pid_bh * NCHUNK + pid_c) * 4 * D
+        if QKV:
+            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vl + offs_d[None, :],
+                        mask=okk & d_ok, other=0.0).to(tl.float32)  # fmt: skip
+            vabs = tl.maximum(vabs, tl.max(tl.abs(v), axis=0))
+    base = part_ptr + (pid_bh * NCHUNK + pid_c) * NPART * DP
     tl.store(base + offs_d, ksum)
-    tl.store(base + D + offs_d, kmin)
-    tl.store(base + 2 * D + offs_d, kmax)
-    tl.store(base + 3 * D + offs_d, qabs)
+    tl.store(base + DP + offs_d, kmin)
+    tl.store(base + 2 * DP + offs_d, kmax)
+    tl.store(base + 3 * DP + offs_d, qabs)
+    if QKV:
+        tl.store(base + 4 * DP + offs_d, vabs)
+
+
+@triton.jit
+def balance_factor(qabs, kabs):
+    """s = sqrt(amax|Q| / amax|K − mean|) per channel, 1 where either is 0, clamped to [1e-4, 1e4]
+    (quant/kernels/fp8_attention.py's `balance_factors` is the PyTorch twin). IEEE-rounded divide
+    and square root: the GPU then matches PyTorch bit for bit, at no cost for D values."""
+    ok = (kabs > 0) & (qabs > 0)
+    s = tl.where(ok, tl.sqrt_rn(tl.math.div_rn(qabs, tl.maximum(kabs, 1e-30))), 1.0)
+    return tl.minimum(tl.maximum(s, 1e-4), 1e4)
 
 
 @triton.jit
@@ -267,10 +287,7 @@ def stats_finish_kernel(
     mean = ksum / LK if SMOOTH else tl.zeros([D], tl.float32)
     s = tl.full([D], 1.0, tl.float32)
     if BALANCE:
-        kabs = tl.maximum(kmax - mean, mean - kmin)
-        ok = (kabs > 0) & (qabs > 0)
-        s = tl.where(ok, tl.sqrt(qabs / tl.maximum(kabs, 1e-30)), 1.0)
-        s = tl.minimum(tl.maximum(s, 1e-4), 1e4)
+        s = balance_factor(qabs, tl.maximum(kmax - mean, mean - kmin))
     tl.store(mean_ptr + pid * D + offs_d, mean)
-    tl.store(qbal_ptr + pid * D + offs_d, 1.0 / s)
+    tl.store(qbal_ptr + pid * D + offs_d, tl.math.div_rn(1.0, s))
     tl.store(kbal_ptr + pid * D + offs_d, s)

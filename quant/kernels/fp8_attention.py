@@ -82,14 +82,21 @@ def _kernels():
     return tlk.quant_kv_kernel, tlk.attn_fwd_kernel
 
 
-def _finish_stats(
-    mean: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, qamax: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kamax = torch.maximum(kmax - mean, mean - kmin)
+def balance_factors(qamax: torch.Tensor, kamax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/s, s) per channel from amax|Q| and amax|K − mean|: s = sqrt(qamax / kamax), 1 where
+    either is 0, clamped to [1e-4, 1e4]. The same fp32 operations as the kernels' `balance_factor`
+    (also used by the cuDNN FP8 pre-pass, quant/attention/cudnn_fp8.py)."""
     ok = (kamax > 0) & (qamax > 0)
     s = torch.where(ok, torch.sqrt(qamax / kamax.clamp_min(1e-30)), torch.ones_like(qamax))
     s = s.clamp(1e-4, 1e4)
-    return mean.contiguous(), (1.0 / s).contiguous(), s.contiguous()
+    return 1.0 / s, s
+
+
+def _finish_stats(
+    mean: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, qamax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    inv_s, s = balance_factors(qamax, torch.maximum(kmax - mean, mean - kmin))
+    return mean.contiguous(), inv_s.contiguous(), s.contiguous()
 
 
 def attention_stats_triton(
@@ -109,8 +116,9 @@ def attention_stats_triton(
     nchunk = -(-L // chunk)
     part = torch.empty(B * H, nchunk, 4, D, device=q.device, dtype=torch.float32)
     tlk.stats_kernel[(nchunk, B * H)](
-        q, k, part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        H, LQ, LK, nchunk, chunk, D=D, BLOCK=block, BALANCE=balance, num_warps=4,
+        q, k, k, part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), H, LQ, LK, nchunk, chunk,
+        D=D, DP=D, BLOCK=block, BALANCE=balance, QKV=False, num_warps=4,
     )  # fmt: skip
     mean, qbal, kbal = (torch.empty(B, H, D, device=q.device, dtype=torch.float32) for _ in range(3))
     tlk.stats_finish_kernel[(B * H,)](

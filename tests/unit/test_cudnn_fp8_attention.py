@@ -5,7 +5,9 @@ The real kernel needs a Hopper GPU and is measured elsewhere."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import sys
 
 import fake_cudnn
@@ -14,6 +16,11 @@ import torch
 
 from quant.attention import cudnn_fp8 as C
 from quant.errors import BackendUnavailableError
+
+needs_interp = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels run on the CPU only under TRITON_INTERPRET=1 (tests/run.sh sets it)",
+)
 
 
 @pytest.fixture
@@ -135,6 +142,30 @@ def test_fake_cudnn_result_is_close_to_sdpa(fake, layout):
     out = C.cudnn_fp8_attention(q, k, v)
     assert out.dtype == torch.bfloat16
     assert rel(out, sdpa32(q, k, v)) < 0.08  # ~6% here: FP8 Q/K/V/P/O with one scale per tensor
+
+
+@needs_interp
+@pytest.mark.parametrize("granularity", ["tensor", "head"])
+def test_triton_pre_pass_and_dequant_on_the_call_path(fake, monkeypatch, granularity):
+    """Where Triton runs (here the interpreter) the call takes the fused pre-pass and the one-launch
+    dequantization, and gives what the reference path gives."""
+    q, k, v = qkv(h=2, length=40, d=64, layout="blhd", bias=2.0)
+    used = []
+    for name in ("quantize_qkv_triton", "dequantize_o_triton"):
+        f = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda *a, _f=f, _n=name, **kw: used.append(_n) or _f(*a, **kw))
+    out = C.cudnn_fp8_attention(q, k, v, granularity=granularity, balance=True)
+    assert used == ["quantize_qkv_triton", "dequantize_o_triton"]
+    pack = {t.name: x for t, x in fake.graphs[0].executions[0].items()}
+    ref = C.quantize_qkv_reference(q, k, v, granularity=granularity, balance=True)
+    assert pack["descale_q"].shape == ref.descale_q.shape
+    torch.testing.assert_close(pack["scale_o"], ref.scale_o, rtol=1e-5, atol=0)
+    assert out.dtype == q.dtype and out.stride() == q.stride()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton can't run now: the references
+    out_ref = C.cudnn_fp8_attention(q, k, v, granularity=granularity, balance=True)
+    assert len(used) == 2
+    assert rel(out, out_ref) < 0.01  # equal but where a K code moved by one e4m3 step
+    assert rel(out, sdpa32(q, k, v)) < 0.08
 
 
 # --------------------------------------------------------------------------- availability

@@ -79,9 +79,10 @@ def test_reference_smoothing_removes_a_key_bias():
 
 
 def test_fp8_round_is_nearest_even_and_saturating():
-    x = torch.tensor([100.0, -248.0, 304.0, 7.93, 500.0, -1e4, 0.0012, 3e-4])
+    x = torch.tensor([100.0, -248.0, 304.0, 7.93, 500.0, -1e4, 0.0012, 3e-4, 2.5 * 2.0**-9])
     got = A._fp8_round(x)
-    assert got.tolist() == [96.0, -256.0, 320.0, 8.0, 448.0, -448.0, 2.0**-9, 0.0]
+    assert got.tolist() == [96.0, -256.0, 320.0, 8.0, 448.0, -448.0, 2.0**-9, 0.0, 2.0**-8]
+    assert torch.equal(got, x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float())  # PyTorch's cast agrees
 
 
 # ---------------------------------------------------------------- kernels vs reference
