@@ -61,6 +61,8 @@ CUDNN_MODES = {  # path name -> cudnn_fp8_attention kwargs (quant/attention/cudn
     "cudnn_fp8": {},  # what the attention node runs
     "cudnn_fp8_head": dict(granularity="head"),
     "cudnn_fp8_nosmooth": dict(smooth_k=False),
+    "cudnn_fp8_balance": dict(balance=True),
+    "cudnn_fp8_head_balance": dict(granularity="head", balance=True),
 }
 _TUNED: dict[str, AttnConfig] = {}  # mode -> fastest config of this run's sweep
 
@@ -135,8 +137,9 @@ def _paths(heads: int, device) -> dict:
 
 def _cudnn_paths(heads: int, device) -> dict:
     """cuDNN's FP8 attention where it can run (Hopper+, nvidia-cudnn-frontend installed): each
-    mode as the node calls it (pre-pass, kernel, O dequantization), and the same call with
-    Q/K/V quantized beforehand, which times the kernel and the dequantization alone."""
+    mode as the node calls it (pre-pass, kernel, O dequantization); the same call with Q/K/V
+    quantized beforehand, which times the kernel and the dequantization alone; and with the
+    plain-PyTorch pre-pass instead of the fused Triton one."""
     from ..attention import cudnn_fp8 as cf
 
     if device.type != "cuda" or cf.runtime_unavailable_reason() is not None:
@@ -163,6 +166,15 @@ def _cudnn_paths(heads: int, device) -> dict:
             cf.quantize_qkv = real
 
     paths["cudnn_fp8_prequantized"] = prequantized
+
+    def torch_prepass(q, k, v):  # the plain-PyTorch pre-pass in place of the Triton one
+        real, cf.quantize_qkv = cf.quantize_qkv, cf.quantize_qkv_reference
+        try:
+            return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
+        finally:
+            cf.quantize_qkv = real
+
+    paths["cudnn_fp8_torch_prepass"] = torch_prepass
     return paths
 
 
