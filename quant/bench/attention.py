@@ -138,8 +138,9 @@ def _paths(heads: int, device) -> dict:
 def _cudnn_paths(heads: int, device) -> dict:
     """cuDNN's FP8 attention where it can run (Hopper+, nvidia-cudnn-frontend installed): each
     mode as the node calls it (pre-pass, kernel, O dequantization); the same call with Q/K/V
-    quantized beforehand, which times the kernel and the dequantization alone; and with the
-    plain-PyTorch pre-pass instead of the fused Triton one."""
+    quantized beforehand, which times the kernel and the dequantization alone; with the
+    plain-PyTorch pre-pass instead of the fused Triton one; and with the frontend's tensor
+    variant pack instead of bare addresses (host time per call)."""
     from ..attention import cudnn_fp8 as cf
 
     if device.type != "cuda" or cf.runtime_unavailable_reason() is not None:
@@ -175,6 +176,15 @@ def _cudnn_paths(heads: int, device) -> dict:
             cf.quantize_qkv = real
 
     paths["cudnn_fp8_torch_prepass"] = torch_prepass
+
+    def tensor_pack(q, k, v):  # the frontend's tensor variant pack instead of bare addresses
+        cf.PASS_POINTERS = False
+        try:
+            return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
+        finally:
+            cf.PASS_POINTERS = True
+
+    paths["cudnn_fp8_tensor_pack"] = tensor_pack
     return paths
 
 
