@@ -155,36 +155,29 @@ def _cudnn_paths(heads: int, device) -> dict:
         )
         for name, kw in CUDNN_MODES.items()
     }
-    done: dict = {}
+    def patched(name, value):  # the node's call with one module attribute replaced
+        def run(q, k, v):
+            real = getattr(cf, name)
+            setattr(cf, name, value)
+            try:
+                return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
+            finally:
+                setattr(cf, name, real)
 
-    def prequantized(q, k, v):
-        if done.get("inputs") is not (q, k, v):  # quantize once per input set, outside the timing
-            done.update(inputs=(q, k, v), x=cf.quantize_qkv(bhld(q), bhld(k), bhld(v)))
-        real, cf.quantize_qkv = cf.quantize_qkv, lambda *a, **kw: done["x"]
-        try:
-            return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
-        finally:
-            cf.quantize_qkv = real
+        return run
+
+    done: dict = {}
+    kernel_only = patched("quantize_qkv", lambda *a, **kw: done["x"])
+
+    def prequantized(q, k, v):  # Q/K/V quantized once per input set, outside the timing
+        key = (id(q), id(k), id(v))
+        if done.get("inputs") != key:  # `refs` keeps the ids from being reused meanwhile
+            done.update(inputs=key, refs=(q, k, v), x=cf.quantize_qkv(bhld(q), bhld(k), bhld(v)))
+        return kernel_only(q, k, v)
 
     paths["cudnn_fp8_prequantized"] = prequantized
-
-    def torch_prepass(q, k, v):  # the plain-PyTorch pre-pass in place of the Triton one
-        real, cf.quantize_qkv = cf.quantize_qkv, cf.quantize_qkv_reference
-        try:
-            return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
-        finally:
-            cf.quantize_qkv = real
-
-    paths["cudnn_fp8_torch_prepass"] = torch_prepass
-
-    def tensor_pack(q, k, v):  # the frontend's tensor variant pack instead of bare addresses
-        cf.PASS_POINTERS = False
-        try:
-            return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
-        finally:
-            cf.PASS_POINTERS = True
-
-    paths["cudnn_fp8_tensor_pack"] = tensor_pack
+    paths["cudnn_fp8_torch_prepass"] = patched("quantize_qkv", cf.quantize_qkv_reference)
+    paths["cudnn_fp8_tensor_pack"] = patched("PASS_POINTERS", False)  # tensors, not addresses
     return paths
 
 
