@@ -56,13 +56,17 @@ from .report import LayerRecord
 log = logging.getLogger(__name__)
 
 
-def _owned(weight: OnlineQuantTensor, dtype: torch.dtype) -> OnlineQuantTensor:
-    """A packed weight whose data and scale are in memory it owns (a packed file's are lazily read
-    tensors, read here once: bit for bit what the file holds), with `dtype` as its logical dtype
-    (the layer's, which ComfyUI chose for this device)."""
+def _owned(weight: OnlineQuantTensor, dtype: torch.dtype, device: torch.device) -> OnlineQuantTensor:
+    """A packed weight on `device` whose data and scale are in memory it owns (a packed file's
+    are lazily read tensors, read here once: bit for bit what the file holds), with `dtype` as
+    its logical dtype (the layer's, which ComfyUI chose for this device). Bound for a GPU, file
+    bytes go through pinned memory with an asynchronous copy, as weights to quantize do."""
 
     def owned(t: torch.Tensor) -> torch.Tensor:
-        return t.materialize() if hasattr(t, "materialize") else t
+        if hasattr(t, "_reader") and device.type == "cuda":
+            return to_quantize_device(t, device)
+        t = t.materialize() if hasattr(t, "materialize") else t
+        return t.to(device=device)
 
     params = dataclasses.replace(weight._params, scale=owned(weight._params.scale), orig_dtype=dtype)
     return OnlineQuantTensor(owned(weight._qdata), weight._layout_cls, params)
@@ -141,7 +145,7 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             check = name in state.packed_from_file  # not a state_dict() of a model in memory
             if check:
                 _skip_host_scan(weight)
-            owned = _owned(weight, self._oq_dtype).to(device=dest)
+            owned = _owned(weight, self._oq_dtype, torch.device(dest))
             self.weight = torch.nn.Parameter(owned, requires_grad=False)
             self._oq_format, self._oq_compute = weight._params.format, weight._params.compute
             reason = decision.reason if decision is not None else "already quantized"
