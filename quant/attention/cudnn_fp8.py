@@ -1,5 +1,7 @@
 """cuDNN's FP8 flash attention through the `nvidia-cudnn-frontend` Python graph API, behind the
-attention node's `cudnn_fp8` backend. Experimental and not yet measured in this pack.
+attention node's `cudnn_fp8` backend. Experimental: on an H100 1.24–1.38× cuDNN's bf16 SDPA at
+the Wan shapes but 0.87× at Z-Image, with 6% output error on Gaussian inputs and 16–19% with
+outlier channels (docs/benchmarks.md), so the node's `auto` does not pick it.
 
 Scheme: a pre-pass turns bf16/fp16 Q, K, V into FP8 e4m3 with fp32 descales (amax / 448), K
 first smoothed by subtracting its mean over tokens (softmax is unchanged by adding a constant to
@@ -18,16 +20,17 @@ may sum to 1 + 2^-4) and costs less than a tenth of a bit.
 
 `cudnn` is imported lazily (the pack must load without it) through `cudnn_module()`, a seam
 that tests replace with a fake module (`set_cudnn_module`). Graphs are built once per
-(shapes, strides, dtype, device, descale shapes) and cached with their workspace; Q/K/V keep the
-caller's layout ([B,H,L,D] or [B,L,H·D] seen as [B,H,L,D]): cuDNN gets their strides, no copies.
+(shapes, strides, dtype, device, descale shapes) and cached with their workspace
+(quant/attention/cudnn_graphs.py); Q/K/V keep the caller's layout ([B,H,L,D] or [B,L,H·D] seen
+as [B,H,L,D]): cuDNN gets their strides, no copies.
 
 Scales are per tensor ([1,1,1,1], as in cuDNN's own FP8 SDPA samples). The pre-pass can also
-make per-head descales ([1,H,1,1]); whether cuDNN's FP8 SDPA accepts them is not verified yet.
+make per-head descales ([1,H,1,1]), but cuDNN 9 on an H100 builds no plan for them (measured).
+Q/K balancing is measured no help for e4m3 (its error is relative to each value, unlike INT8's).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,17 +42,23 @@ from ..errors import BackendUnavailableError
 from ..kernels import can_run_triton
 from ..kernels.fp8_attention import balance_factors
 from ..kernels.qkv_fp8 import dequantize_o_triton, is_dense, quantize_qkv_triton
-
-log = logging.getLogger(__name__)
+from . import cudnn_graphs as _graphs
+from .cudnn_graphs import (
+    FP8_MAX,
+    SCALE_S,
+    build_graph,
+    cached_graph,
+    clear_graph_cache,
+    execute,
+    graph_cache_size,
+    graph_key,
+    make_pack,
+    replay,
+)
 
 PACKAGE = "nvidia-cudnn-frontend"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SCALE_S = FP8_MAX  # P is in [0, 1]: its largest value maps to the top of the e4m3 range
 O_HEADROOM = 1.0 + 2.0**-4  # see the module docstring
 GRANULARITIES = ("tensor", "head")
-# pass the variant pack as device addresses (see _execute); the attention bench turns it off to
-# time the frontend's tensor path
-PASS_POINTERS = True
 _DTYPES = (torch.bfloat16, torch.float16)
 _FP8 = torch.float8_e4m3fn
 
@@ -238,102 +247,6 @@ def dequantize_o(o8: torch.Tensor, descale_o: torch.Tensor, dtype: torch.dtype) 
     return dequantize_o_reference(o8, descale_o, dtype)
 
 
-# --------------------------------------------------------------------------- graphs
-@dataclass
-class CudnnGraph:
-    """One built cuDNN graph, its tensor handles by role, its workspace, and whether its
-    execute takes bare device addresses (see `_execute`)."""
-
-    graph: Any
-    tensors: dict[str, Any]
-    workspace: torch.Tensor
-    pointers: bool = True
-
-
-_GRAPHS: dict[tuple, CudnnGraph] = {}
-_HANDLES: dict[str, Any] = {}
-_CONSTS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def clear_graph_cache() -> None:
-    _GRAPHS.clear()
-    _HANDLES.clear()
-    _CONSTS.clear()
-
-
-def graph_cache_size() -> int:
-    return len(_GRAPHS)
-
-
-def _layout(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), tuple(t.stride())
-
-
-def graph_key(x: FP8QKV, o8: torch.Tensor, attn_scale: float) -> tuple:
-    """What a built graph depends on: every shape and stride (the layout), the dtypes, the
-    device, the descale shapes and the softmax scale baked into the graph."""
-    tensors = (x.q, x.k, x.v, o8, x.descale_q, x.descale_k, x.descale_v)
-    return (*(_layout(t) for t in tensors), x.q.dtype, o8.dtype, str(x.q.device), attn_scale)
-
-
-def _handle(cudnn: Any, device: torch.device) -> Any:
-    h = _HANDLES.get(str(device))
-    if h is None:
-        h = _HANDLES[str(device)] = cudnn.create_handle()
-    if device.type == "cuda":  # run on PyTorch's current stream, so no extra synchronisation
-        cudnn.set_stream(handle=h, stream=torch.cuda.current_stream(device).cuda_stream)
-    return h
-
-
-def build_graph(cudnn: Any, x: FP8QKV, o8: torch.Tensor, attn_scale: float, handle: Any) -> CudnnGraph:
-    """Build and plan the FP8 SDPA graph for these tensors' shapes and strides."""
-    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-
-    def tensor(name: str, t: torch.Tensor, dtype: Any) -> Any:
-        return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=dtype)
-
-    one = torch.empty((1, 1, 1, 1))
-    ts = {
-        "q": tensor("q", x.q, e4m3),
-        "k": tensor("k", x.k, e4m3),
-        "v": tensor("v", x.v, e4m3),
-        "descale_q": tensor("descale_q", x.descale_q, f32),
-        "descale_k": tensor("descale_k", x.descale_k, f32),
-        "descale_v": tensor("descale_v", x.descale_v, f32),
-        "descale_s": tensor("descale_s", one, f32),
-        "scale_s": tensor("scale_s", one, f32),
-        "scale_o": tensor("scale_o", one, f32),
-    }
-    o, _stats, amax_s, amax_o = graph.sdpa_fp8(
-        q=ts["q"], k=ts["k"], v=ts["v"],
-        descale_q=ts["descale_q"], descale_k=ts["descale_k"], descale_v=ts["descale_v"],
-        descale_s=ts["descale_s"], scale_s=ts["scale_s"], scale_o=ts["scale_o"],
-        is_inference=True, attn_scale=attn_scale, use_causal_mask=False, name="sdpa_fp8",
-    )  # fmt: skip
-    o.set_output(True).set_dim(list(o8.shape)).set_stride(list(o8.stride())).set_data_type(e4m3)
-    for a in (amax_s, amax_o):  # cuDNN computes them; we read neither but must give them memory
-        a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-    ts.update(o=o, amax_s=amax_s, amax_o=amax_o)
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=o8.device)
-    return CudnnGraph(graph, ts, workspace)
-
-
-def _softmax_consts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    c = _CONSTS.get(str(device))
-    if c is None:  # (descale_s, scale_s), made once per device: no host-to-device copy per call
-        c = _CONSTS[str(device)] = (
-            torch.full((1, 1, 1, 1), 1.0 / SCALE_S, device=device),
-            torch.full((1, 1, 1, 1), SCALE_S, device=device),
-        )
-    return c
-
-
 def cudnn_fp8_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -350,46 +263,17 @@ def cudnn_fp8_attention(
     B, H, LQ, D = q.shape
     x = quantize_qkv(q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance)
     o8 = torch.empty((B, LQ, H, D), dtype=_FP8, device=q.device).transpose(1, 2)
-    attn_scale = 1.0 / math.sqrt(D)
-    key = graph_key(x, o8, attn_scale)
-    g = _GRAPHS.get(key)
-    handle = _handle(cudnn, q.device)
-    if g is None:
-        g = _GRAPHS[key] = build_graph(cudnn, x, o8, attn_scale, handle)
-    descale_s, scale_s = _softmax_consts(q.device)
+    g, handle = cached_graph(cudnn, x, o8, 1.0 / math.sqrt(D))
+    if _graphs.CUDA_GRAPHS and q.device.type == "cuda":
+        return dequantize_o(replay(g, cudnn, handle, x, o8), x.descale_o, q.dtype)
     amax = torch.empty((2, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
-    t = g.tensors
-    # FP8 goes in as uint8 views (same memory and strides): cudnn-frontend reads only the data
-    # pointer, through DLPack, and some torch versions can't export float8 through DLPack
-    b8 = torch.uint8
-    pack = {
-        t["q"]: x.q.view(b8), t["k"]: x.k.view(b8), t["v"]: x.v.view(b8),
-        t["descale_q"]: x.descale_q, t["descale_k"]: x.descale_k, t["descale_v"]: x.descale_v,
-        t["descale_s"]: descale_s, t["scale_s"]: scale_s, t["scale_o"]: x.scale_o,
-        t["o"]: o8.view(b8), t["amax_s"]: amax[0], t["amax_o"]: amax[1],
-    }  # fmt: skip
-    _execute(g, pack, handle)
+    execute(g, make_pack(g, x, o8, amax), handle)
     return dequantize_o(o8, x.descale_o, q.dtype)
-
-
-def _execute(g: CudnnGraph, pack: dict, handle: Any) -> None:
-    """Run the graph. The variant pack goes as bare device addresses where the frontend takes
-    them: the graph was built for exactly these shapes and strides (they are its cache key), so
-    cuDNN needs nothing but the pointers, and the frontend then skips describing each tensor
-    (a Python path per operand, per call: host time a ~0.3 ms Z-Image call feels). A frontend
-    that refuses addresses gets the tensors from then on."""
-    if g.pointers and PASS_POINTERS:
-        try:
-            g.graph.execute({t: x.data_ptr() for t, x in pack.items()}, g.workspace, handle=handle)
-            return
-        except (TypeError, ValueError) as e:
-            g.pointers = False
-            log.info("cudnn_fp8: this cudnn-frontend takes tensors, not addresses (%s)", e)
-    g.graph.execute(pack, g.workspace, handle=handle)
 
 
 __all__ = [
     "FP8QKV",
+    "SCALE_S",
     "PACKAGE",
     "build_graph",
     "clear_graph_cache",
