@@ -194,9 +194,10 @@ def _builtin_backends() -> list[AttentionBackend]:
             "flash_attn_3", "FlashAttention 3 (flash_attn_interface), Hopper",
             _fa3_available, _flash_unsupported, _fa3_run,
         ),
-        AttentionBackend(  # quant/attention/cudnn_fp8.py; `auto` never picks it until it is measured
+        AttentionBackend(  # quant/attention/cudnn_fp8.py; measured in docs/benchmarks.md
             "cudnn_fp8", "cuDNN FP8 flash attention (needs nvidia-cudnn-frontend; NVIDIA Hopper/Blackwell, "
-            "Ada untested): experimental and not yet measured here; per-tensor E4M3 Q/K/V, K smoothed",
+            "Ada untested): experimental; per-tensor E4M3 Q/K/V, K smoothed; 1.24-1.38x cuDNN bf16 at Wan "
+            "sizes, 0.87x at Z-Image on an H100, ~6% error (16-19% with outlier channels)",
             _cudnn_fp8_available, _cudnn_fp8_unsupported, _cudnn_fp8_run,
         ),
         AttentionBackend(
@@ -222,7 +223,9 @@ def backend_choices() -> list[str]:
 def resolve_auto() -> tuple[str, str]:
     """(backend, reason) for `auto`: FA2 on ROCm when flash_attn imports; cuDNN SDPA on NVIDIA
     Hopper and newer (measured 2x FA2 on H100); PyTorch SDPA elsewhere. Never an FP8 backend:
-    `fp8` was measured no faster, `cudnn_fp8` is not measured yet."""
+    `fp8` was measured no faster; `cudnn_fp8` is faster only at Wan sizes (1.24-1.38x on an H100,
+    0.87x at Z-Image) and its error (6% Gaussian, 16-19% with outlier channels) misses the 3% /
+    4.5% it would need to be a default."""
     if torch.version.hip is not None and _fa2_available() is None:
         return "flash_attn_2", "ROCm with flash-attn installed"
     if torch.cuda.is_available() and torch.version.cuda is not None:
