@@ -51,6 +51,11 @@ def test_model_bytes_count_packed_layers_and_everything_else(pack, placement, tm
 def test_a_cpu_load_keeps_ComfyUIs_placement(pack, tmp_path):
     mods = hm.import_submodules(pack, "nodes.loader")
     path = hm.save_model(hm.wan_model(seed=3), tmp_path / "wan_tiny.safetensors")
-    mp, rep = mods.nodes.loader.load_quantized(str(path), "fp8_e4m3fn", "", compute_dtype="bf16")
+    # quantized on the CPU (on a GPU machine the default would quantize on the GPU and keep the
+    # packed weights there when they fit, as test_packed_weights_stay_on_the_gpu_only_with_room_to_spare
+    # checks)
+    mp, rep = mods.nodes.loader.load_quantized(
+        str(path), "fp8_e4m3fn", "", compute_dtype="bf16", quantize_device="cpu"
+    )
     q = [m.weight for m in mp.model.diffusion_model.modules() if getattr(m, "_oq_format", None)]
     assert q and all(w.device == mp.offload_device for w in q)
