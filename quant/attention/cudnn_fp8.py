@@ -42,18 +42,15 @@ from ..errors import BackendUnavailableError
 from ..kernels import can_run_triton
 from ..kernels.fp8_attention import balance_factors
 from ..kernels.qkv_fp8 import dequantize_o_triton, is_dense, quantize_qkv_triton
-from . import cudnn_graphs as _graphs
 from .cudnn_graphs import (
     FP8_MAX,
     SCALE_S,
     build_graph,
     cached_graph,
     clear_graph_cache,
-    execute,
     graph_cache_size,
     graph_key,
     make_pack,
-    replay,
 )
 
 PACKAGE = "nvidia-cudnn-frontend"
@@ -264,10 +261,8 @@ def cudnn_fp8_attention(
     x = quantize_qkv(q, k, v, granularity=granularity, smooth_k=smooth_k, balance=balance)
     o8 = torch.empty((B, LQ, H, D), dtype=_FP8, device=q.device).transpose(1, 2)
     g, handle = cached_graph(cudnn, x, o8, 1.0 / math.sqrt(D))
-    if _graphs.CUDA_GRAPHS and q.device.type == "cuda":
-        return dequantize_o(replay(g, cudnn, handle, x, o8), x.descale_o, q.dtype)
     amax = torch.empty((2, 1, 1, 1, 1), dtype=torch.float32, device=q.device)
-    execute(g, make_pack(g, x, o8, amax), handle)
+    g.graph.execute(make_pack(g, x, o8, amax), g.workspace, handle=handle)
     return dequantize_o(o8, x.descale_o, q.dtype)
 
 

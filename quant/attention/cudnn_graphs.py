@@ -1,14 +1,16 @@
 """cuDNN graphs of the `cudnn_fp8` attention (quant/attention/cudnn_fp8.py holds the scheme, the
 pre-pass and the entry point): building and caching one FP8 SDPA graph per (shapes, strides,
-dtype, device, descale shapes), the variant pack, and how it is executed: device addresses
-instead of tensors (`PASS_POINTERS`), or a CUDA graph replay (`CUDA_GRAPHS`, opt-in).
+dtype, device, descale shapes), and the variant pack it executes with.
+
+The frontend's per-call host work is not what bounds the short Z-Image call: passing the pack as
+bare device addresses, or replaying the cuDNN call from a CUDA graph, measured no faster (H200;
+docs/benchmarks.md), so neither is kept.
 
 `cudnn` is passed in by the caller (the seam in cudnn_fp8.py), never imported here.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,27 +19,17 @@ import torch
 if TYPE_CHECKING:
     from .cudnn_fp8 import FP8QKV
 
-log = logging.getLogger(__name__)
-
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_S = FP8_MAX  # P is in [0, 1]: its largest value maps to the top of the e4m3 range
-# pass the variant pack as device addresses (see _execute); the attention bench turns it off to
-# time the frontend's tensor path
-PASS_POINTERS = True
-# replay each graph's cuDNN call from a CUDA graph (see replay): opt-in, measured by the bench
-CUDA_GRAPHS = False
 
 
 @dataclass
 class CudnnGraph:
-    """One built cuDNN graph, its tensor handles by role, its workspace, and whether its
-    execute takes bare device addresses (see `_execute`)."""
+    """One built cuDNN graph, its tensor handles by role, and its workspace."""
 
     graph: Any
     tensors: dict[str, Any]
     workspace: torch.Tensor
-    pointers: bool = True
-    captured: Any = None  # _Captured, with CUDA_GRAPHS
 
 
 _GRAPHS: dict[tuple, CudnnGraph] = {}
@@ -147,66 +139,3 @@ def make_pack(g: CudnnGraph, x: FP8QKV, o8: torch.Tensor, amax: torch.Tensor) ->
         t["descale_s"]: descale_s, t["scale_s"]: scale_s, t["scale_o"]: x.scale_o,
         t["o"]: o8.view(b8), t["amax_s"]: amax[0], t["amax_o"]: amax[1],
     }  # fmt: skip
-
-
-@dataclass
-class _Captured:
-    """A CUDA graph of one cuDNN graph's execute, and the static memory it reads and writes."""
-
-    cuda_graph: Any
-    x: FP8QKV  # static Q/K/V codes and scales: each call copies its own into them
-    o8: torch.Tensor
-
-
-def _static_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-
-
-def replay(g: CudnnGraph, cudnn: Any, handle: Any, x: FP8QKV, o8: torch.Tensor) -> torch.Tensor:
-    """Run the cuDNN call by replaying a CUDA graph captured on first use: the frontend's
-    per-call host work (a few hundred µs of Python, measured against a ~0.3 ms Z-Image call)
-    becomes one replay, for the price of copying this call's codes and scales into the static
-    memory the graph was captured with (one read and write of the FP8 Q/K/V). Returns the
-    static O, valid until the next call with this graph (the caller dequantizes it first, on
-    the same stream)."""
-    cap = g.captured
-    if cap is None:
-        fields = ("q", "k", "v", "descale_q", "descale_k", "descale_v", "descale_o", "scale_o")
-        sx = type(x)(**{f: _static_like(getattr(x, f)) for f in fields})
-        so8 = _static_like(o8)
-        pack = make_pack(g, sx, so8, torch.empty((2, 1, 1, 1, 1), dtype=torch.float32, device=o8.device))
-        main = torch.cuda.current_stream(o8.device)
-        side = torch.cuda.Stream(o8.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):  # one run outside capture: lazy initialisation happens here
-            cudnn.set_stream(handle=handle, stream=side.cuda_stream)
-            execute(g, pack, handle)
-        main.wait_stream(side)
-        cuda_graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(cuda_graph):
-                cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(o8.device).cuda_stream)
-                execute(g, pack, handle)
-        finally:
-            cudnn.set_stream(handle=handle, stream=main.cuda_stream)
-        cap = g.captured = _Captured(cuda_graph, sx, so8)
-    for f in ("q", "k", "v", "descale_q", "descale_k", "descale_v", "scale_o"):
-        getattr(cap.x, f).copy_(getattr(x, f))
-    cap.cuda_graph.replay()
-    return cap.o8
-
-
-def execute(g: CudnnGraph, pack: dict, handle: Any) -> None:
-    """Run the graph. The variant pack goes as bare device addresses where the frontend takes
-    them: the graph was built for exactly these shapes and strides (they are its cache key), so
-    cuDNN needs nothing but the pointers, and the frontend then skips describing each tensor
-    (a Python path per operand, per call: host time a ~0.3 ms Z-Image call feels). A frontend
-    that refuses addresses gets the tensors from then on."""
-    if g.pointers and PASS_POINTERS:
-        try:
-            g.graph.execute({t: x.data_ptr() for t, x in pack.items()}, g.workspace, handle=handle)
-            return
-        except (TypeError, ValueError) as e:
-            g.pointers = False
-            log.info("cudnn_fp8: this cudnn-frontend takes tensors, not addresses (%s)", e)
-    g.graph.execute(pack, g.workspace, handle=handle)

@@ -138,11 +138,9 @@ def _paths(heads: int, device) -> dict:
 def _cudnn_paths(heads: int, device) -> dict:
     """cuDNN's FP8 attention where it can run (Hopper+, nvidia-cudnn-frontend installed): each
     mode as the node calls it (pre-pass, kernel, O dequantization); the same call with Q/K/V
-    quantized beforehand, which times the kernel and the dequantization alone; with the
-    plain-PyTorch pre-pass instead of the fused Triton one; with the frontend's tensor variant
-    pack instead of bare addresses, and replayed from a CUDA graph (host time per call)."""
+    quantized beforehand, which times the kernel and the dequantization alone; and with the
+    plain-PyTorch pre-pass instead of the fused Triton one."""
     from ..attention import cudnn_fp8 as cf
-    from ..attention import cudnn_graphs as cg
 
     if device.type != "cuda" or cf.runtime_unavailable_reason() is not None:
         return {}
@@ -156,14 +154,14 @@ def _cudnn_paths(heads: int, device) -> dict:
         )
         for name, kw in CUDNN_MODES.items()
     }
-    def patched(name, value, module=cf):  # the node's call with one module attribute replaced
+    def patched(name, value):  # the node's call with one module attribute replaced
         def run(q, k, v):
-            real = getattr(module, name)
-            setattr(module, name, value)
+            real = getattr(cf, name)
+            setattr(cf, name, value)
             try:
                 return cf.cudnn_fp8_attention(bhld(q), bhld(k), bhld(v)).transpose(1, 2).flatten(2)
             finally:
-                setattr(module, name, real)
+                setattr(cf, name, real)
 
         return run
 
@@ -178,8 +176,6 @@ def _cudnn_paths(heads: int, device) -> dict:
 
     paths["cudnn_fp8_prequantized"] = prequantized
     paths["cudnn_fp8_torch_prepass"] = patched("quantize_qkv", cf.quantize_qkv_reference)
-    paths["cudnn_fp8_tensor_pack"] = patched("PASS_POINTERS", False, cg)  # tensors, not addresses
-    paths["cudnn_fp8_cuda_graph"] = patched("CUDA_GRAPHS", True, cg)  # one replay per call
     return paths
 
 

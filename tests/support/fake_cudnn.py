@@ -48,7 +48,6 @@ class FakeGraph:
         self.sdpa_kwargs: dict = {}
         self.outputs: tuple = ()
         self.executions: list[dict] = []
-        self.pointer_packs: list[dict] = []
         module.graphs.append(self)
 
     def tensor(self, name, dim, stride, data_type):
@@ -80,11 +79,6 @@ class FakeGraph:
         return 16
 
     def execute(self, pack, workspace, handle=None):
-        if any(isinstance(x, int) for x in pack.values()):  # a pack of device addresses
-            self.pointer_packs.append(dict(pack))
-            if not self.module.accepts_pointers:
-                raise TypeError("this fake frontend reads tensors, not addresses")
-            return  # accepted; the fake cannot compute from bare addresses
         self.executions.append(dict(pack))
         for t, x in pack.items():  # the descriptor the graph holds must describe the memory it gets
             assert list(x.shape) == t.dim and list(x.stride()) == t.stride, (t.name, x.shape, x.stride())
@@ -105,11 +99,9 @@ class FakeGraph:
         pack[amax_o_t].fill_(float(o.abs().amax()))
 
 
-def make(accepts_pointers: bool = False) -> types.SimpleNamespace:
-    """A fresh fake module: `graphs` lists the graphs built, `handles` the handles created.
-    Its execute computes from tensor packs; a pack of device addresses is recorded and, unless
-    `accepts_pointers`, refused with TypeError as a frontend that reads only tensors would."""
-    m = types.SimpleNamespace(graphs=[], handles=[], streams=[], accepts_pointers=accepts_pointers)
+def make() -> types.SimpleNamespace:
+    """A fresh fake module: `graphs` lists the graphs built, `handles` the handles created."""
+    m = types.SimpleNamespace(graphs=[], handles=[], streams=[])
     m.data_type = types.SimpleNamespace(FP8_E4M3="FP8_E4M3", FLOAT="FLOAT", BFLOAT16="BFLOAT16", HALF="HALF")
     m.heur_mode = types.SimpleNamespace(A="A", FALLBACK="FALLBACK")
     m.pygraph = lambda **kw: FakeGraph(m, **kw)

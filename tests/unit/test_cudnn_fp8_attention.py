@@ -121,29 +121,6 @@ def test_tensors_descales_and_scales_passed(fake):
     assert o.is_output and o.data_type == "FP8_E4M3" and amax_o.dim == [1, 1, 1, 1]
 
 
-def test_variant_pack_goes_as_addresses_or_once_refused_as_tensors(fake):
-    """The pack goes as the tensors' device addresses (the frontend then skips describing each
-    tensor per call); a frontend that refuses addresses gets the same tensors, from then on only."""
-    q, k, v = qkv()
-    C.cudnn_fp8_attention(q, k, v)
-    g = fake.graphs[0]
-    (addresses,) = g.pointer_packs
-    (tensors,) = g.executions  # the refused call, run again with tensors
-    assert addresses.keys() == tensors.keys() and len(addresses) == 12
-    assert all(addresses[t] == x.data_ptr() for t, x in tensors.items())
-    C.cudnn_fp8_attention(q, k, v)
-    assert len(g.pointer_packs) == 1 and len(g.executions) == 2
-    C.set_cudnn_module(fake_cudnn.make(accepts_pointers=True))
-    try:
-        C.cudnn_fp8_attention(q, k, v)
-        C.cudnn_fp8_attention(q, k, v)
-        (g2,) = C.cudnn_module().graphs
-        assert len(g2.pointer_packs) == 2 and not g2.executions
-        assert all(type(a) is int for a in g2.pointer_packs[0].values())
-    finally:
-        C.set_cudnn_module(None)
-
-
 def test_wan_layout_goes_in_by_strides_without_copies(fake):
     b, h, length, d = 2, 3, 16, 32
     q, k, v = qkv(b, h, length, d, layout="blhd")
