@@ -222,11 +222,14 @@ def stats_kernel(
     h = pid_bh % H
     offs_d = tl.arange(0, DP)
     d_ok = (offs_d < D)[None, :]
-    ksum = tl.zeros([DP], tl.float32)
-    kmin = tl.full([DP], float("inf"), tl.float32)
-    kmax = tl.full([DP], float("-inf"), tl.float32)
-    qabs = tl.zeros([DP], tl.float32)
-    vabs = tl.zeros([DP], tl.float32)
+    # elementwise [BLOCK, DP] accumulators, reduced over rows once at the end: a reduction across
+    # threads on every step would synchronise the warps once per BLOCK rows and keep the loads
+    # far from the memory bandwidth
+    ksum = tl.zeros([BLOCK, DP], tl.float32)
+    kmin = tl.full([BLOCK, DP], float("inf"), tl.float32)
+    kmax = tl.full([BLOCK, DP], float("-inf"), tl.float32)
+    qabs = tl.zeros([BLOCK, DP], tl.float32)
+    vabs = tl.zeros([BLOCK, DP], tl.float32)
     # the loop bounds are plain arguments (not program ids): Triton 3.6's interpreter cannot
     # iterate a range whose bounds are tensors
     for i in range(0, CHUNK, BLOCK):
@@ -234,24 +237,24 @@ def stats_kernel(
         okk = (offs < LK)[:, None]
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kl + offs_d[None, :],
                     mask=okk & d_ok, other=0.0).to(tl.float32)  # fmt: skip
-        ksum += tl.sum(k, axis=0)
+        ksum += k
         if EXTREMES:
-            kmin = tl.minimum(kmin, tl.min(tl.where(okk, k, float("inf")), axis=0))
-            kmax = tl.maximum(kmax, tl.max(tl.where(okk, k, float("-inf")), axis=0))
+            kmin = tl.minimum(kmin, tl.where(okk, k, float("inf")))
+            kmax = tl.maximum(kmax, tl.where(okk, k, float("-inf")))
             q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs[:, None] * stride_ql + offs_d[None, :],
                         mask=(offs < LQ)[:, None] & d_ok, other=0.0).to(tl.float32)  # fmt: skip
-            qabs = tl.maximum(qabs, tl.max(tl.abs(q), axis=0))
+            qabs = tl.maximum(qabs, tl.abs(q))
         if QKV:
             v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vl + offs_d[None, :],
                         mask=okk & d_ok, other=0.0).to(tl.float32)  # fmt: skip
-            vabs = tl.maximum(vabs, tl.max(tl.abs(v), axis=0))
+            vabs = tl.maximum(vabs, tl.abs(v))
     base = part_ptr + (pid_bh * NCHUNK + pid_c) * NPART * DP
-    tl.store(base + offs_d, ksum)
-    tl.store(base + DP + offs_d, kmin)
-    tl.store(base + 2 * DP + offs_d, kmax)
-    tl.store(base + 3 * DP + offs_d, qabs)
+    tl.store(base + offs_d, tl.sum(ksum, axis=0))
+    tl.store(base + DP + offs_d, tl.min(kmin, axis=0))
+    tl.store(base + 2 * DP + offs_d, tl.max(kmax, axis=0))
+    tl.store(base + 3 * DP + offs_d, tl.max(qabs, axis=0))
     if QKV:
-        tl.store(base + 4 * DP + offs_d, vabs)
+        tl.store(base + 4 * DP + offs_d, tl.max(vabs, axis=0))
 
 
 @triton.jit

@@ -118,7 +118,7 @@ def attention_stats_triton(
     tlk.stats_kernel[(nchunk, B * H)](
         q, k, k, part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         k.stride(0), k.stride(1), k.stride(2), H, LQ, LK, nchunk, chunk,
-        D=D, DP=D, BLOCK=block, BALANCE=balance, QKV=False, num_warps=4,
+        D=D, DP=D, BLOCK=block, BALANCE=balance, QKV=False, num_warps=8 if q.is_cuda else 4,
     )  # fmt: skip
     mean, qbal, kbal = (torch.empty(B, H, D, device=q.device, dtype=torch.float32) for _ in range(3))
     tlk.stats_finish_kernel[(B * H,)](

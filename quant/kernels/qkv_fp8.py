@@ -74,7 +74,9 @@ def quantize_qkv_triton(
     per_head = granularity == "head"
     f32 = torch.float32
 
-    block = 32 if gpu else 16  # rows per load in the stats pass: two-three [32, D] tiles in registers
+    # rows per load in the stats pass: five [32, D] fp32 accumulators and three loaded tiles over 8
+    # warps stay in registers (5·16 + 3·16 a thread at D = 128)
+    block = 32 if gpu else 16
     chunk, nchunk = stats_chunking(max(LQ, LK), BH, block, gpu=gpu)
     npart = BH * nchunk * 5 * DP
     scratch = torch.empty(npart + 3 * BH * DP + 3 * BH, device=dev, dtype=f32)  # one allocation
@@ -87,7 +89,7 @@ def quantize_qkv_triton(
 
     tla.stats_kernel[(nchunk, BH)](
         q, k, v, part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, LQ, LK, nchunk, chunk,
-        D=D, DP=DP, BLOCK=block, BALANCE=balance, QKV=True, num_warps=4,
+        D=D, DP=DP, BLOCK=block, BALANCE=balance, QKV=True, num_warps=8 if gpu else 4,
     )  # fmt: skip
     tlq.qkv_finish_kernel[(BH,)](
         part, stats[0], stats[1], stats[2], amax, nchunk, LK, BH,
