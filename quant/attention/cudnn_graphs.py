@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..constants import FP8_E4M3FN_MAX as FP8_MAX  # largest finite float8_e4m3fn
+
 if TYPE_CHECKING:
     from .cudnn_fp8 import FP8QKV
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_S = FP8_MAX  # P is in [0, 1]: its largest value maps to the top of the e4m3 range
 
 

@@ -119,12 +119,16 @@ def write_checkpoint(path: Path, shapes: dict, seed: int = 0) -> int:
 
 
 def _has_shapes(path: Path, shapes: dict) -> bool:
-    """Whether a kept checkpoint holds exactly these tensors (another --memory-blocks is rewritten)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: tuple(v["shape"]) for k, v in header.items()} == {k: v[0] for k, v in shapes.items()}
+    """Whether a kept checkpoint is whole and holds exactly these tensors (another --memory-blocks,
+    or a file cut short by an interrupted write, is rewritten)."""
+    from ..checkpoint.reader import read_header
+    from ..errors import CheckpointError
+
+    try:
+        header = read_header(path)
+    except CheckpointError:
+        return False
+    return {k: e.shape for k, e in header.tensors.items()} == {k: v[0] for k, v in shapes.items()}
 
 
 CACHE_STATES = ("cold", "warm")
