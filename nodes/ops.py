@@ -141,11 +141,11 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
         before = weight.numel() * weight.element_size()
 
         if is_online_quant(weight):  # packed in the file (nodes/packed.py), or a state_dict() reloaded
-            dest = state.packed_device or target
+            dest = torch.device(state.packed_device or target)
             check = name in state.packed_from_file  # not a state_dict() of a model in memory
             if check:
                 _skip_host_scan(weight)
-            owned = _owned(weight, self._oq_dtype, torch.device(dest))
+            owned = _owned(weight, self._oq_dtype, dest)
             self.weight = torch.nn.Parameter(owned, requires_grad=False)
             self._oq_format, self._oq_compute = weight._params.format, weight._params.compute
             reason = decision.reason if decision is not None else "already quantized"
