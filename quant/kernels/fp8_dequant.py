@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..formats import fp8
 from . import can_run_triton, interpreting, triton_cdiv
+from .launch import launch as triton_launch
 
 
 def fp8_dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
@@ -26,19 +27,13 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -
     s = scale.float().reshape(-1).contiguous()
     bn, bk = (16, 64) if interpreting() else (32, 256)
     grid = (triton_cdiv(n, bn), triton_cdiv(k, bk))
-    fp8_dequant_kernel[grid](
-        q,
-        s,
-        out,
-        n,
-        k,
-        q.stride(0),
-        out.stride(0),
-        PER_ROW=s.numel() > 1,
-        EMULATE_BF16=interpreting() and dtype == torch.bfloat16,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-    )
+    constexprs = {
+        "PER_ROW": s.numel() > 1,
+        "EMULATE_BF16": interpreting() and dtype == torch.bfloat16,
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+    }
+    triton_launch(fp8_dequant_kernel, grid, (q, s, out, n, k, q.stride(0), out.stride(0)), constexprs)
     return out
 
 

@@ -14,6 +14,7 @@ from ..constants import AMAX_EPS as EPS  # amax floor: an all-zero row gets q = 
 from ..formats import fp8
 from ..formats.fp8 import fp8_max
 from . import can_run_triton, flat_rows, interpreting, triton_cdiv
+from .launch import launch as triton_launch
 
 
 def quantize_fp8_per_token_reference(
@@ -52,20 +53,14 @@ def quantize_fp8_per_token(
     if launch is not None:
         rows, num_warps = launch
     grid = (triton_cdiv(m, rows),)
-    fp8_per_token_quant_kernel[grid](
-        x2,
-        q,
-        s,
-        m,
-        k,
-        x2.stride(0),
-        q.stride(0),
-        FP8_MAX=fp8_max(dtype),
-        EPS=EPS,
-        FNUZ=dtype == torch.float8_e4m3fnuz,
-        EMULATE_CVT=interpreting(),
-        ROWS=rows,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
+    constexprs = {
+        "FP8_MAX": fp8_max(dtype),
+        "EPS": EPS,
+        "FNUZ": dtype == torch.float8_e4m3fnuz,
+        "EMULATE_CVT": interpreting(),
+        "ROWS": rows,
+        "BLOCK_K": block_k,
+        "num_warps": num_warps,
+    }
+    triton_launch(fp8_per_token_quant_kernel, grid, (x2, q, s, m, k, x2.stride(0), q.stride(0)), constexprs)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)

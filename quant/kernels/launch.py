@@ -1,0 +1,118 @@
+"""Cached Triton launches: a small layer's kernel launched without Triton's per-call binding.
+
+`kernel[grid](...)` binds the arguments, derives Triton's specialization key from them and looks
+the compiled kernel up on every call. For the quantized Linear's small layers (M <= 256: adaLN,
+time and text embeddings) that Python work is longer than the kernel itself, so the GPU waits on
+the host (docs/benchmarks.md, "host time per call"). `launch` keeps the compiled kernel per key
+of its own and calls its launcher directly from the second call on.
+
+The key is a superset of what Triton specializes a kernel on: each tensor's dtype and 16-byte
+alignment, each int's width class and whether it is 1 or a multiple of 16, every constexpr and
+launch option, and the device. Two calls with the same key therefore get the same compiled
+kernel from Triton too; a finer key only costs a cache entry. The first call of each key goes
+through `kernel[grid](...)` itself (which compiles), so nothing Triton checks is skipped there.
+
+The direct call needs Triton's launcher signature of 3.4+ (`triton.knobs`); elsewhere, under the
+interpreter, or while a launch hook (a profiler) is set, every call takes the ordinary path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import interpreting
+
+_I32 = (-(2**31), 2**31)
+# kernel -> {key -> compiled kernel}; bounded per kernel so an unusual caller cannot grow it forever
+_COMPILED: dict[Any, dict[tuple, Any]] = {}
+_MAX_KEYS_PER_KERNEL = 256
+CACHE_ENABLED = True  # False: every launch takes Triton's ordinary path (the bench compares both)
+
+
+@functools.cache
+def _runtime() -> Any | None:
+    """triton.knobs.runtime where the direct launcher call is known to work (Triton 3.4+), else
+    None. Looked up once: the hooks in it are read on every call."""
+    try:
+        import triton
+        from triton import knobs
+    except ImportError:
+        return None
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return knobs.runtime if (major, minor) >= (3, 4) else None
+
+
+def _arg_key(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):  # before int: bool is an int subclass, Triton types it i1
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", a == 1, a % 16 == 0, _I32[0] <= a < _I32[1], a >= 0)
+    if isinstance(a, float):
+        return "f"
+    return ("v", a)  # None and anything else: by value (constexpr-like)
+
+
+def launch_key(args: Sequence[Any], constexprs: dict[str, Any], device: int) -> tuple:
+    """The cache key of one launch on CUDA device `device` (exposed for tests): equal keys mean
+    equal Triton specializations. `constexprs` come in the caller's fixed order."""
+    return (device, tuple(_arg_key(a) for a in args), tuple(constexprs.items()))
+
+
+def launch(
+    kernel: Any,
+    grid: tuple[int, ...],
+    args: Sequence[Any],
+    constexprs: dict[str, Any],
+) -> None:
+    """`kernel[grid](*args, **constexprs)` (launch options such as num_warps go in `constexprs`
+    too), with the compiled kernel looked up by `launch_key` instead of by Triton's binder."""
+    runtime = _runtime()
+    if runtime is None or not CACHE_ENABLED or interpreting() or runtime.launch_enter_hook is not None:
+        kernel[grid](*args, **constexprs)
+        return
+    # Triton compiles and launches for the current device, on its current stream: so does this.
+    device = torch.cuda.current_device()
+    key = launch_key(args, constexprs, device)
+    cache = _COMPILED.setdefault(kernel, {})
+    compiled = cache.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **constexprs)
+        if len(cache) < _MAX_KEYS_PER_KERNEL and compiled is not None:
+            cache[key] = (compiled, _params_tail(kernel, len(args), constexprs))
+        return
+    compiled, tail = compiled
+    g = (*grid, 1, 1)
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    # Triton 3.4+'s launcher: grid, stream, function, metadata, launch metadata (None without a
+    # hook), enter/exit hooks, then every parameter's value in signature order.
+    compiled.run(
+        g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None,
+        runtime.launch_exit_hook, *args, *tail,
+    )
+
+
+def _params_tail(kernel: Any, n_args: int, constexprs: dict[str, Any]) -> tuple:
+    """The values of the parameters after the positional ones, in signature order."""
+    tail = []
+    for p in kernel.params[n_args:]:
+        if p.name in constexprs:
+            tail.append(constexprs[p.name])
+        elif p.has_default:
+            tail.append(p.default)
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: no value for parameter {p.name!r}")
+    return tuple(tail)
+
+
+def clear_cache() -> None:
+    """Forget every cached compiled kernel (tests; Triton's own cache is untouched)."""
+    _COMPILED.clear()
+
+
+__all__ = ["clear_cache", "launch", "launch_key"]

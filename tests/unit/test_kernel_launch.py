@@ -1,0 +1,116 @@
+"""Cached Triton launches (quant/kernels/launch.py): the key separates every specialization
+Triton makes, the direct launcher call passes every parameter in signature order, and on a GPU
+the cached launch gives the ordinary launch's bits."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from quant.kernels import launch as L
+
+
+def _key(*args, **constexprs):
+    return L.launch_key(args, constexprs, 0)
+
+
+def test_the_key_separates_what_triton_specializes_on():
+    a = torch.zeros(64, dtype=torch.bfloat16)
+    assert _key(a, 3) == _key(torch.ones(64, dtype=torch.bfloat16), 5)  # values alone: same kernel
+    assert _key(a, 3) != _key(a.float(), 3)  # dtype
+    assert _key(a, 3) != _key(a[1:], 3)  # 16-byte alignment of the pointer
+    assert _key(a, 3) != _key(a, 1)  # ints equal to 1 become constants
+    assert _key(a, 3) != _key(a, 32)  # ints divisible by 16
+    assert _key(a, 3) != _key(a, 2**33 + 3)  # i32 vs i64
+    assert _key(a, 3) != _key(a, True)  # bool is i1, not an int
+    assert _key(a, 3, BLOCK=64) != _key(a, 3, BLOCK=128)  # constexprs
+    assert _key(a, 3, num_warps=4) != _key(a, 3, num_warps=8)  # launch options
+    assert L.launch_key((a,), {}, 0) != L.launch_key((a,), {}, 1)  # device
+
+
+class _FakeCompiled:
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class _FakeKernel:
+    """A real JITFunction's parameters; launching records instead of compiling."""
+
+    def __init__(self, real):
+        from triton.runtime.jit import JITFunction
+
+        fn = getattr(real, "fn", real)  # under TRITON_INTERPRET=1 `real` is an InterpretedFunction
+        self.params, self.fn, self.compiled, self.ordinary = JITFunction(fn).params, fn, _FakeCompiled(), 0
+
+    def __getitem__(self, grid):
+        def go(*args, **kw):
+            self.ordinary += 1
+            return self.compiled
+
+        return go
+
+
+def test_the_direct_call_passes_every_parameter_in_signature_order(monkeypatch):
+    pytest.importorskip("triton")
+    from quant.kernels._tl_fp8_dequant import fp8_dequant_kernel
+
+    plain = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    monkeypatch.setattr(L, "_runtime", lambda: plain)
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
+    L.clear_cache()
+    k = _FakeKernel(fp8_dequant_kernel)
+    q, s, out = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4), torch.empty(4, 32)
+    # constexprs in another order than the signature's, plus a launch option that is no parameter
+    cx = {"BLOCK_K": 64, "num_warps": 4, "EMULATE_BF16": False, "BLOCK_N": 16, "PER_ROW": True}
+    L.launch(k, (3, 2), (q, s, out, 4, 32, 32, 32), cx)
+    assert k.ordinary == 1 and not k.compiled.calls  # first call: Triton's own path (compiles)
+    L.launch(k, (3, 2), (q, s, out, 4, 32, 32, 32), cx)
+    assert k.ordinary == 1 and len(k.compiled.calls) == 1
+    call = k.compiled.calls[0]
+    assert call[:9] == (3, 2, 1, 1234, "fn", "meta", None, None, None)
+    # the 7 runtime arguments, then the constexpr parameters in the kernel's signature order
+    assert call[9:16] == (q, s, out, 4, 32, 32, 32) and call[16:] == (True, False, 16, 64)
+    L.launch(k, (3, 2), (q, s, out, 1, 32, 32, 32), cx)  # N = 1: another specialization
+    assert k.ordinary == 2
+    L.clear_cache()
+
+
+def test_a_launch_hook_or_the_interpreter_takes_the_ordinary_path(monkeypatch):
+    pytest.importorskip("triton")
+    from quant.kernels._tl_fp8_dequant import fp8_dequant_kernel
+
+    hooked = types.SimpleNamespace(launch_enter_hook=lambda *a: None, launch_exit_hook=None)
+    monkeypatch.setattr(L, "_runtime", lambda: hooked)
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    k = _FakeKernel(fp8_dequant_kernel)
+    for _ in range(3):
+        L.launch(k, (1,), (None,) * 7, {"PER_ROW": True, "EMULATE_BF16": False, "BLOCK_N": 16, "BLOCK_K": 64})
+    assert k.ordinary == 3 and not k.compiled.calls and not L._COMPILED
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the direct launcher call needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 3, 16, 200])
+def test_cached_launches_give_the_ordinary_launchs_bits_on_a_gpu(m):
+    from quant.kernels.fp8_dequant import fp8_dequantize, fp8_dequantize_reference
+    from quant.kernels.fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
+
+    L.clear_cache()
+    for seed in range(3):  # the first call per key compiles; the next ones launch directly
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = (torch.randn(m, 320, generator=g, device="cuda") * (seed + 1)).to(torch.bfloat16)
+        q, s = quantize_fp8_per_token(x)
+        qr, sr = quantize_fp8_per_token_reference(x)
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+        w = fp8_dequantize(qr, sr)
+        assert torch.equal(w, fp8_dequantize_reference(qr, sr))
+    if L._runtime() is not None:
+        assert L._COMPILED, "the cached path was never taken"
