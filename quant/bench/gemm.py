@@ -1,5 +1,6 @@
 """GEMM level: every path of quant/bench/paths.py at the real Linear shapes, M = 4096 and 32760
-(time, TFLOP/s, speed-up over bf16 F.linear, output error against bf16, weight bytes)."""
+(time, TFLOP/s, speed-up over bf16 F.linear, output error against bf16, weight bytes, and host
+time per call at M <= 256)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import torch
 
 from .paths import build_paths
 from .shapes import DEFAULT_M, LINEAR_SHAPES, QUICK_M, QUICK_SHAPES
-from .timing import bench_ms, rel_l2
+from .timing import bench_ms, host_us, rel_l2
 
 log = logging.getLogger(__name__)
+
+# At or below this many tokens a Linear's kernels are shorter than the host's work per call, so the
+# rows also report host time per call ("host_us"): what stalls the GPU between such layers.
+HOST_TIME_MAX_M = 256
 
 
 def add_args(parser) -> None:
@@ -68,6 +73,9 @@ def run(args, device: torch.device) -> list[dict]:
                 if name == "bf16":
                     t_bf16 = ms_
                 row["ms"] = round(ms_, 4)
+                if m <= HOST_TIME_MAX_M:
+                    # CPU runs (--quick, CI) only exercise the code: host time there means nothing
+                    row["host_us"] = round(host_us(run_it, device, 200 if device.type == "cuda" else 2), 1)
                 if name == "act_quant_only":
                     moved = m * k * (x.element_size() + 1) + m * 4
                     row["GB/s"] = round(moved / ms_ / 1e6, 1)

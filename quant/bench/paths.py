@@ -39,6 +39,17 @@ def _mxfp4_weight(w):
     return qw, qw.qdata.numel() + qw.scale.numel()
 
 
+def _uncached(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) with quant/kernels/launch.py's cache bypassed."""
+    from ..kernels import launch
+
+    launch.CACHE_ENABLED = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        launch.CACHE_ENABLED = True
+
+
 def build_paths(
     w: torch.Tensor, b: torch.Tensor | None, x_example: torch.Tensor, include_compiled: bool = True
 ) -> dict[str, tuple[Callable, int]]:
@@ -70,6 +81,8 @@ def build_paths(
     from ..matmul.linear import quantized_linear
 
     paths["ours_fp8_auto"] = (lambda x: quantized_linear(x, qw8, b), nb8)
+    # the same with Triton's ordinary per-call launch (host-time comparison for cached launches)
+    paths["ours_fp8_auto_uncached_launch"] = (lambda x: _uncached(quantized_linear, x, qw8, b), nb8)
     # weights only (a `weights-only:` layer): FP8 weight dequantized for a bf16 GEMM
     paths["ours_fp8_w8a16"] = (lambda x: quantized_linear(x, qw8, b, compute="w8a16"), nb8)
 

@@ -59,6 +59,23 @@ def gemm_pivot(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def gemm_host_pivot(rows: list[dict]) -> str:
+    """One line per small (shape, M): each path's host microseconds per call ("" when not timed)."""
+    timed = [r for r in rows if r.get("host_us") is not None]
+    if not timed:
+        return ""
+    keys, paths = [], []
+    for r in timed:
+        key = (r["model"], r["layer"], f"{r['M']}×{r['K']}×{r['N']}")
+        keys += [key] if key not in keys else []
+        paths += [r["path"]] if r["path"] not in paths else []
+    cell = {((r["model"], r["layer"], f"{r['M']}×{r['K']}×{r['N']}"), r["path"]): r["host_us"] for r in timed}
+    head = ["model", "layer", "M×K×N"] + paths
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join([*key] + [_fmt(cell.get((key, p))) for p in paths]) + " |" for key in keys]
+    return "\n".join(out) + "\n"
+
+
 def render(env: dict, sections: dict[str, list[dict]], skipped: dict[str, str], command: str) -> str:
     parts = [
         "# quant.bench results",
@@ -81,6 +98,9 @@ def render(env: dict, sections: dict[str, list[dict]], skipped: dict[str, str], 
                 parts.append("Speed-up over bf16 `F.linear` / relative L2 error against bf16 output:")
                 parts.append("")
                 parts.append(gemm_pivot(trows))
+                host = gemm_host_pivot(trows)
+                if host:
+                    parts += ["Host time per call, µs (Python + launches, GPU not waited for):", "", host]
                 parts.append("<details><summary>all GEMM rows</summary>\n")
                 parts.append(table(trows))
                 parts.append("</details>\n")

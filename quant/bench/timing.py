@@ -25,6 +25,20 @@ def bench_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25
     return statistics.median(times)
 
 
+def host_us(fn: Callable[[], object], device: torch.device, calls: int = 200) -> float:
+    """Microseconds of host (Python + launch) time per fn() call, the GPU not waited for: small
+    layers are host-bound, and this is the time the host spends before the GPU can start the next
+    layer. `calls` stays below the launch queue's depth, so a slower GPU never blocks the host."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    sync(device)
+    return (t1 - t0) * 1e6 / calls
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
