@@ -251,15 +251,17 @@ def _step(model, inputs, transformer_options, device, steps: int):
     if transformer_options:
         kw["transformer_options"] = transformer_options
     with torch.inference_mode():
-        out = model(**kw)  # warm-up (Triton compiles, cuBLAS heuristics)
+        t0 = time.perf_counter()
+        out = model(**kw)  # warm-up (Triton compiles, cuBLAS heuristics; torch.compile's compile)
         _sync(device)
+        first_s = time.perf_counter() - t0
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             out = model(**kw)
             _sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
-    return out, sorted(times)[len(times) // 2]
+    return out, sorted(times)[len(times) // 2], first_s
 
 
 def add_args(parser) -> None:
@@ -320,7 +322,7 @@ def run(args, device: torch.device) -> list[dict]:
                     if suffix == "+compiled":
                         torch._dynamo.reset()  # each variant compiles afresh, not on the last one's guards
                         stepped = torch.compile(model)
-                    out, ms = _step(stepped, inputs, topts, device, 1 if quick else args.steps)
+                    out, ms, first_s = _step(stepped, inputs, topts, device, 1 if quick else args.steps)
                     del stepped
                     # the source weights stay resident for the comparison: subtract them, but count
                     # the ones a variant shares with them (kept bf16 layers alias the state dict)
@@ -346,9 +348,11 @@ def run(args, device: torch.device) -> list[dict]:
                     rel_err_vs_bf16=round(rel_l2(out.float(), ref), 4) if ref is not None else None,
                     finite=bool(torch.isfinite(out).all()),
                     load_s=round(load_s, 2),
+                    first_step_s=round(first_s, 1),  # with +compiled: mostly the compile itself
                     note=note,
                 )
                 rows.append(row)
+                log.info("models row: %s", {k: v for k, v in row.items() if k != "note"})
                 del out
             del model
             gc.collect()
