@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import get_format
-from ..kernels import fp8_gemm, mxfp4_gemm
+from ..kernels import fp8_dequant, fp8_gemm, mxfp4_gemm
 from ..kernels.fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
 
 FP8 = torch.float8_e4m3fn
@@ -85,6 +85,7 @@ def build_paths(
     paths["ours_fp8_auto_uncached_launch"] = (lambda x: _uncached(quantized_linear, x, qw8, b), nb8)
     # weights only (a `weights-only:` layer): FP8 weight dequantized for a bf16 GEMM
     paths["ours_fp8_w8a16"] = (lambda x: quantized_linear(x, qw8, b, compute="w8a16"), nb8)
+    paths["ours_fp8_w8a16_fused"] = (lambda x: fp8_dequant.fp8_linear_w8a16_fused(x, wq, ws, b), nb8)
 
     qw4, nb4 = _mxfp4_weight(w)
     codes, scales = qw4.qdata, qw4.scale

@@ -49,3 +49,29 @@ def e8m0_to_f32(s):
     """E8M0 scale bytes (int32) -> fp32 powers of two 2**(s-127); 0 is 2**-127 (fp32 subnormal)."""
     bits = tl.where(s == 0, 0x00400000, s << 23)
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program, grouped: GROUP_M row tiles share each weight
+    column tile while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def round_to_bf16(v):
+    """Round fp32 values to the nearest bf16 value, ties to even, in fp32 (finite values only).
+
+    Used only under the CPU interpreter, whose fp32 -> bf16 cast truncates where GPUs round: a
+    value rounded here casts exactly, so both give PyTorch's result."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)

@@ -5,6 +5,8 @@ that layer runs, and cuBLAS does the GEMM."""
 import triton
 import triton.language as tl
 
+from ._tl_common import round_to_bf16
+
 
 @triton.jit
 def fp8_dequant_kernel(
@@ -31,9 +33,5 @@ def fp8_dequant_kernel(
         s = tl.load(s_ptr)
     w = q * s  # fp32 product, one rounding to the output dtype: exactly quant.formats.fp8.dequantize
     if EMULATE_BF16:
-        # The CPU interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even. Round here
-        # (finite values only: weights are checked at quantization) so both give PyTorch's result.
-        bits = w.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        w = bits.to(tl.float32, bitcast=True)
+        w = round_to_bf16(w)  # the interpreter's bf16 cast truncates; GPUs round to nearest even
     tl.store(out_ptr + rn64[:, None] * stride_on + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)

@@ -10,7 +10,7 @@ kernel reads x in bf16 once per N-tile column and writes the output once, bias a
 import triton
 import triton.language as tl
 
-from ._tl_common import round_to_e4m3
+from ._tl_common import round_to_e4m3, tile_ids
 
 
 @triton.jit
@@ -37,15 +37,7 @@ def fp8_gemm_act_quant_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share each weight column tile while it is in L2.
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

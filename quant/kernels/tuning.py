@@ -30,6 +30,17 @@ def choose_fp8_path(m: int, n: int, k: int) -> str:
     return FP8_PATH_BY_SHAPE.get((k, n), "rowwise")
 
 
+# FP8 weights-only (W8A16): at or below this many tokens the GEMM is bound by reading the weight and
+# the Triton GEMM that widens FP8 tiles in registers (one byte per weight, one launch) is used;
+# above it, the weight is dequantized to a workspace for cuBLAS. 0 = always the workspace path.
+FP8_W8A16_FUSED_MAX_M = 0
+
+
+def choose_fp8_w8a16_path(m: int, n: int, k: int) -> str:
+    """ "fused" (FP8 tiles widened in registers) or "dequant" (workspace + cuBLAS)."""
+    return "fused" if m <= FP8_W8A16_FUSED_MAX_M else "dequant"
+
+
 # Below this many tokens the GEMM is weight-bandwidth-bound and the fused in-register decode (which
 # reads 0.53 bytes per weight once) beats writing a 16-bit workspace first. Diffusion steps run
 # thousands of tokens per Linear, where the workspace + cuBLAS path wins (H100 run, D.md).

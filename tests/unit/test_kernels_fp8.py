@@ -161,3 +161,39 @@ def test_fp8_w8a16_linear_matches_the_weight_only_reference(device):
     assert y.shape == (3, 5, 48) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, fp8_linear_w8a16_reference(x, qw.qdata, qw.scale, b))
     torch.testing.assert_close(y.float(), reference_linear(x, qw, b, "w8a16").float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "fp8_e4m3fn_tensor"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 64, True), (17, 40, 96, False), (40, 33, 50, True)])
+def test_fp8_w8a16_fused_gemm_matches_its_reference(device, fmt, x_dtype, m, n, k, bias):
+    from quant.kernels.fp8_dequant import fp8_linear_w8a16_fused, fp8_linear_w8a16_fused_reference
+    from quant.matmul.reference import reference_linear
+
+    g = torch.Generator().manual_seed(m * n + k)
+    qw = get_format(fmt).quantize((torch.randn(n, k, generator=g) * 0.05).to(device))
+    x = torch.randn(2, m, k, generator=g).to(device, x_dtype)
+    b = torch.randn(n, generator=g).to(device, torch.bfloat16) if bias else None
+    y = fp8_linear_w8a16_fused(x, qw.qdata, qw.scale, b)
+    assert y.shape == (2, m, n) and y.dtype == x_dtype
+    ref = fp8_linear_w8a16_fused_reference(x, qw.qdata, qw.scale, b)
+    # same fp32 arithmetic, summed in another order; outputs differ by at most an ulp of x_dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert (y.float() - ref.float()).norm() <= 4e-3 * ref.float().norm()
+    # and it is the weights-only product: what the reference linear computes for "w8a16"
+    torch.testing.assert_close(y.float(), reference_linear(x, qw, b, "w8a16").float(), rtol=3e-2, atol=3e-2)
+
+
+def test_the_w8a16_backend_takes_the_fused_gemm_for_few_tokens(monkeypatch):
+    from quant.kernels import fp8_dequant, tuning
+    from quant.matmul.backends import triton as tb
+
+    calls = []
+    monkeypatch.setattr(fp8_dequant, "fp8_linear_w8a16_fused", lambda *a: calls.append("fused") or 1)
+    monkeypatch.setattr(fp8_dequant, "fp8_linear_w8a16", lambda *a: calls.append("dequant") or 2)
+    monkeypatch.setattr(tuning, "FP8_W8A16_FUSED_MAX_M", 16)
+    qw = get_format("fp8_e4m3fn").quantize(torch.randn(32, 64) * 0.05)
+    for m in (1, 16, 17, 4096):
+        tb._fp8_w8a16_run(torch.randn(m, 64), qw, None, "w8a16")
+    assert calls == ["fused", "fused", "dequant", "dequant"]

@@ -5,8 +5,9 @@
 - "triton_mxfp4": MXFP4 W4A16 on NVIDIA sm_80+: per shape (tuning.py) decoded into a transient
   bf16 workspace for cuBLAS (large M) or decoded in registers by a Triton GEMM (small M).
 - "triton_mxfp4_w4a8": MXFP4 weights on FP8 tensor cores (sm_89+), when compute="w4a8" is asked.
-- "triton_fp8_w8a16": FP8 weights only (compute "w8a16", e.g. a `weights-only:` layer): the weight
-  dequantized to the activation dtype in one Triton pass, then cuBLAS.
+- "triton_fp8_w8a16": FP8 weights only (compute "w8a16", e.g. a `weights-only:` layer): per shape
+  (tuning.py) the weight dequantized to the activation dtype in one Triton pass, then cuBLAS, or
+  (few tokens) one Triton GEMM that widens the FP8 tiles in registers.
 Registration needs no Triton import; `check` says whether Triton is there.
 """
 
@@ -17,7 +18,7 @@ import torch
 from ...formats import WeightFormat
 from ...kernels import ops as _kernel_ops  # noqa: F401  (defines the kernels' torch.library ops)
 from ...kernels import triton_available
-from ...kernels.tuning import choose_fp8_path, choose_mxfp4_path
+from ...kernels.tuning import choose_fp8_path, choose_fp8_w8a16_path, choose_mxfp4_path
 from ..registry import Backend, DeviceInfo, register_backend
 from .scaled_mm import scaled_mm_check
 
@@ -71,11 +72,13 @@ def _fp8_w8a16_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
 
 
 def _fp8_w8a16_run(x, qw, bias, compute):
-    from ...kernels.fp8_dequant import fp8_linear_w8a16
+    from ...kernels.fp8_dequant import fp8_linear_w8a16, fp8_linear_w8a16_fused
 
+    n, k = qw.shape
     if x.numel() == 0:
-        return x.new_empty((*x.shape[:-1], qw.shape[0]))
-    return fp8_linear_w8a16(x, qw.qdata, qw.scale, bias)
+        return x.new_empty((*x.shape[:-1], n))
+    fused = choose_fp8_w8a16_path(x.numel() // k, n, k) == "fused"
+    return (fp8_linear_w8a16_fused if fused else fp8_linear_w8a16)(x, qw.qdata, qw.scale, bias)
 
 
 def _mxfp4_check_for(min_cap: tuple[int, int], what: str):
