@@ -15,6 +15,7 @@ import torch
 from ..constants import E2M1_VALUES
 from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
 from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
+from .launch import launch as triton_launch
 
 
 def decode_mxfp4_reference(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -34,30 +35,26 @@ DOT_SCALED_CONFIG = (128, 128, 64, 4, 4)
 W4A8_CONFIG = (128, 128, 128, 4, 4)
 
 
-def _launch(kernel, x2, codes, scales, bias, out, config, **extra):
+def _launch(x2, codes, scales, bias, out, config, **extra):
+    """(grid, the size and stride arguments in the GEMM kernels' order, their constexprs)."""
     m, k = x2.shape
     n = codes.shape[0]
     bm, bn, bk, warps, stages = config
     if interpreting():
         bm, bn, bk = min(bm, 32), min(bn, 32), min(bk, 64)
     grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
-    return grid, dict(
-        M=m,
-        N=n,
-        K=k,
-        stride_am=x2.stride(0),
-        stride_wn=codes.stride(0),
-        stride_sn=scales.stride(0),
-        stride_cm=out.stride(0),
+    sizes = (m, n, k, x2.stride(0), codes.stride(0), scales.stride(0), out.stride(0))
+    constexprs = dict(
         HAS_BIAS=bias is not None,
+        **extra,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
-        **extra,
     )
+    return grid, sizes, constexprs
 
 
 def _check(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -116,8 +113,9 @@ def _w4a16(x, codes, scales, bias, out_dtype, config, dot_scaled: bool) -> torch
         extra = dict(A_FORMAT="bf16" if x2.dtype == torch.bfloat16 else "fp16")
     else:
         kernel, extra = mxfp4_w4a16_kernel, dict(INTERPRET=interpreting())
-    grid, kw = _launch(None, x2, codes, scales, bias, out, config, **extra)
-    kernel[grid](x2, codes, scales, bias if bias is not None else out, out, **kw)
+    grid, sizes, constexprs = _launch(x2, codes, scales, bias, out, config, **extra)
+    args = (x2, codes, scales, bias if bias is not None else out, out, *sizes)
+    triton_launch(kernel, grid, args, constexprs)
     return out.reshape(*x.shape[:-1], codes.shape[0])
 
 
@@ -175,8 +173,10 @@ def mxfp4_linear_w4a8(
     q, s = quantize_fp8_per_token(flat_rows(x), torch.float8_e4m3fn)
     smax = row_smax if row_smax is not None else row_scale_max(scales)
     out = torch.empty((q.shape[0], codes.shape[0]), dtype=out_dtype, device=x.device)
-    grid, kw = _launch(None, q, codes, scales, bias, out, config or W4A8_CONFIG, EMULATE_CVT=interpreting())
-    mxfp4_w4a8_kernel[grid](q, s, codes, scales, smax, bias if bias is not None else out, out, **kw)
+    config = config or W4A8_CONFIG
+    grid, sizes, constexprs = _launch(q, codes, scales, bias, out, config, EMULATE_CVT=interpreting())
+    args = (q, s, codes, scales, smax, bias if bias is not None else out, out, *sizes)
+    triton_launch(mxfp4_w4a8_kernel, grid, args, constexprs)
     return out.reshape(*x.shape[:-1], codes.shape[0])
 
 
@@ -200,22 +200,10 @@ def _dequant_launch(codes, scales, out, smax, to_fp8: bool):
     n, k = out.shape
     bn, bk = (16, 64) if interpreting() else (32, 256)
     grid = (triton_cdiv(n, bn), triton_cdiv(k, bk))
-    mxfp4_dequant_kernel[grid](
-        codes,
-        scales,
-        smax if smax is not None else scales,
-        out,
-        n,
-        k,
-        codes.stride(0),
-        scales.stride(0),
-        out.stride(0),
-        TO_FP8=to_fp8,
-        EMULATE_CVT=interpreting(),
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        num_warps=4,
-    )
+    args = (codes, scales, smax if smax is not None else scales, out, n, k)
+    args += (codes.stride(0), scales.stride(0), out.stride(0))
+    constexprs = dict(TO_FP8=to_fp8, EMULATE_CVT=interpreting(), BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    triton_launch(mxfp4_dequant_kernel, grid, args, constexprs)
     return out
 
 

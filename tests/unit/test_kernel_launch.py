@@ -114,3 +114,25 @@ def test_cached_launches_give_the_ordinary_launchs_bits_on_a_gpu(m):
         assert torch.equal(w, fp8_dequantize_reference(qr, sr))
     if L._runtime() is not None:
         assert L._COMPILED, "the cached path was never taken"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the direct launcher call needs a CUDA GPU")
+def test_cached_gemm_launches_match_the_first_launch_and_the_reference_on_a_gpu():
+    from quant.formats import get_format
+    from quant.kernels import fp8_dequant, mxfp4_gemm
+
+    L.clear_cache()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(96, 256, generator=g, device="cuda") * 0.05
+    q8, q4 = get_format("fp8_e4m3fn").quantize(w), get_format("mxfp4").quantize(w)
+    pairs = [
+        (fp8_dequant.fp8_linear_w8a16_fused, fp8_dequant.fp8_linear_w8a16_fused_reference, q8),
+        (mxfp4_gemm.mxfp4_linear_w4a16, mxfp4_gemm.mxfp4_linear_w4a16_reference, q4),
+    ]
+    for fn, ref, qw in pairs:
+        for m in (3, 5, 7):  # one key class: the first launch compiles, the next two are direct
+            x = torch.randn(m, 256, generator=g, device="cuda").to(torch.bfloat16)
+            first, again = fn(x, qw.qdata, qw.scale), fn(x, qw.qdata, qw.scale)
+            assert torch.equal(first, again), fn.__name__
+            expect = ref(x, qw.qdata, qw.scale).float()
+            assert (first.float() - expect).norm() <= 1e-2 * expect.norm(), (fn.__name__, m)
