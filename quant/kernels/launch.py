@@ -83,6 +83,8 @@ def launch(
     compiled = cache.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **constexprs)
+        if hasattr(compiled, "result"):  # an asynchronous compile's future (Triton 3.5+ option)
+            compiled = compiled.result()
         if len(cache) < _MAX_KEYS_PER_KERNEL and compiled is not None:
             cache[key] = (compiled, _params_tail(kernel, len(args), constexprs))
         return
