@@ -19,6 +19,7 @@ interpreter, or while a launch hook (a profiler) is set, every call takes the or
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +27,12 @@ import torch
 
 from . import interpreting
 
+log = logging.getLogger(__name__)
 _I32 = (-(2**31), 2**31)
 # kernel -> {key -> compiled kernel}; bounded per kernel so an unusual caller cannot grow it forever
 _COMPILED: dict[Any, dict[tuple, Any]] = {}
 _MAX_KEYS_PER_KERNEL = 256
+_UNCACHEABLE: dict = {}  # marks a kernel whose direct launch failed: Triton's own launch from then on
 CACHE_ENABLED = True  # False: every launch takes Triton's ordinary path (the bench compares both)
 
 
@@ -80,6 +83,9 @@ def launch(
     device = torch.cuda.current_device()
     key = launch_key(args, constexprs, device)
     cache = _COMPILED.setdefault(kernel, {})
+    if cache is _UNCACHEABLE:
+        kernel[grid](*args, **constexprs)
+        return
     compiled = cache.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **constexprs)
@@ -91,12 +97,20 @@ def launch(
     compiled, tail = compiled
     g = (*grid, 1, 1)
     stream = torch._C._cuda_getCurrentRawStream(device)
-    # Triton 3.4+'s launcher: grid, stream, function, metadata, launch metadata (None without a
-    # hook), enter/exit hooks, then every parameter's value in signature order.
-    compiled.run(
-        g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None,
-        runtime.launch_exit_hook, *args, *tail,
-    )
+    try:
+        # Triton 3.4+'s launcher: grid, stream, function, metadata, launch metadata (None without
+        # a hook), enter/exit hooks, then every parameter's value in signature order.
+        compiled.run(
+            g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None,
+            runtime.launch_exit_hook, *args, *tail,
+        )
+    except (TypeError, ValueError, AttributeError) as e:
+        # A Triton whose launcher takes other arguments refuses them before launching anything:
+        # say so once, and launch this kernel the ordinary way from now on.
+        log.warning("cached Triton launch of %s failed (%s); using Triton's own launch", kernel, e)
+        cache.clear()
+        _COMPILED[kernel] = _UNCACHEABLE
+        kernel[grid](*args, **constexprs)
 
 
 def _params_tail(kernel: Any, n_args: int, constexprs: dict[str, Any]) -> tuple:

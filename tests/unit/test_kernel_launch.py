@@ -84,6 +84,33 @@ def test_the_direct_call_passes_every_parameter_in_signature_order(monkeypatch):
     L.clear_cache()
 
 
+def test_a_launcher_that_refuses_the_arguments_falls_back_to_tritons_launch(monkeypatch, caplog):
+    pytest.importorskip("triton")
+    from quant.kernels._tl_fp8_dequant import fp8_dequant_kernel
+
+    plain = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    monkeypatch.setattr(L, "_runtime", lambda: plain)
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1, raising=False)
+    L.clear_cache()
+    k = _FakeKernel(fp8_dequant_kernel)
+
+    def refuse(*a):
+        raise TypeError("function takes exactly 20 arguments")
+
+    k.compiled.run = refuse
+    args = (None, None, None, 4, 32, 32, 32)
+    cx = {"PER_ROW": True, "EMULATE_BF16": False, "BLOCK_N": 16, "BLOCK_K": 64}
+    for _ in range(4):
+        L.launch(k, (1,), args, cx)
+    # first: Triton's launch (compiles); second: the direct call fails, Triton's launch instead;
+    # after that Triton's launch every time, and the failure is said once
+    assert k.ordinary == 4
+    assert sum("cached Triton launch" in r.message for r in caplog.records) == 1
+    L.clear_cache()
+
+
 def test_a_launch_hook_or_the_interpreter_takes_the_ordinary_path(monkeypatch):
     pytest.importorskip("triton")
     from quant.kernels._tl_fp8_dequant import fp8_dequant_kernel
