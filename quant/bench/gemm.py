@@ -85,6 +85,7 @@ def run(args, device: torch.device) -> list[dict]:
                     row["rel_err_vs_bf16"] = round(rel_l2(out, ref), 5)
                     row["weight_bytes"] = nbytes
                 rows.append(row)
+                log.info("gemm row: %s", row)  # a run cut short by a timeout keeps what it measured
                 del out
             del x, ref, paths
             gc.collect()
