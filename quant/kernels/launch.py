@@ -104,7 +104,7 @@ def launch(
             g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None,
             runtime.launch_exit_hook, *args, *tail,
         )
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, RuntimeError) as e:
         # A Triton whose launcher takes other arguments refuses them before launching anything:
         # say so once, and launch this kernel the ordinary way from now on.
         log.warning("cached Triton launch of %s failed (%s); using Triton's own launch", kernel, e)
