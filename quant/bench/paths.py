@@ -39,15 +39,15 @@ def _mxfp4_weight(w):
     return qw, qw.qdata.numel() + qw.scale.numel()
 
 
-def _uncached(fn: Callable, *args, **kwargs):
-    """fn(*args, **kwargs) with quant/kernels/launch.py's cache bypassed."""
+def _launch_cache(enabled: bool, fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) with quant/kernels/launch.py's cache on or off, then as it was."""
     from ..kernels import launch
 
-    launch.CACHE_ENABLED = False
+    was, launch.CACHE_ENABLED = launch.CACHE_ENABLED, enabled
     try:
         return fn(*args, **kwargs)
     finally:
-        launch.CACHE_ENABLED = True
+        launch.CACHE_ENABLED = was
 
 
 def build_paths(
@@ -80,9 +80,9 @@ def build_paths(
         paths["ours_fp8_compiled"] = (lambda x: compiled(x, wq, ws, b), nb8)
     from ..matmul.linear import quantized_linear
 
-    paths["ours_fp8_auto"] = (lambda x: quantized_linear(x, qw8, b), nb8)
-    # the same with Triton's ordinary per-call launch (host-time comparison for cached launches)
-    paths["ours_fp8_auto_uncached_launch"] = (lambda x: _uncached(quantized_linear, x, qw8, b), nb8)
+    paths["ours_fp8_auto"] = (lambda x: _launch_cache(False, quantized_linear, x, qw8, b), nb8)
+    # the same with cached Triton launches (quant/kernels/launch.py): the host time it saves
+    paths["ours_fp8_auto_cached_launch"] = (lambda x: _launch_cache(True, quantized_linear, x, qw8, b), nb8)
     # weights only (a `weights-only:` layer): FP8 weight dequantized for a bf16 GEMM
     paths["ours_fp8_w8a16"] = (lambda x: quantized_linear(x, qw8, b, compute="w8a16"), nb8)
     paths["ours_fp8_w8a16_fused"] = (lambda x: fp8_dequant.fp8_linear_w8a16_fused(x, wq, ws, b), nb8)

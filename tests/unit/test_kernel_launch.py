@@ -12,6 +12,12 @@ import torch
 from quant.kernels import launch as L
 
 
+@pytest.fixture(autouse=True)
+def _cache_on(monkeypatch):
+    """The cache is opt-in (ONLINEQUANT_TRITON_LAUNCH_CACHE=1); these tests are about it."""
+    monkeypatch.setattr(L, "CACHE_ENABLED", True)
+
+
 def _key(*args, **constexprs):
     return L.launch_key(args, constexprs, 0)
 
@@ -109,6 +115,16 @@ def test_a_launcher_that_refuses_the_arguments_falls_back_to_tritons_launch(monk
     assert k.ordinary == 4
     assert sum("cached Triton launch" in r.message for r in caplog.records) == 1
     L.clear_cache()
+
+
+def test_the_cache_is_off_unless_asked_for(monkeypatch):
+    import importlib
+
+    for value, on in (("", False), ("0", False), ("1", True)):
+        monkeypatch.setenv("ONLINEQUANT_TRITON_LAUNCH_CACHE", value)
+        assert importlib.reload(L).CACHE_ENABLED is on
+    monkeypatch.delenv("ONLINEQUANT_TRITON_LAUNCH_CACHE")
+    importlib.reload(L)
 
 
 def test_a_launch_hook_or_the_interpreter_takes_the_ordinary_path(monkeypatch):
