@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ..formats import get_format
-from ..kernels import fp8_gemm, fp8_quant, mxfp4_gemm
+from ..kernels import fp8_dequant, fp8_gemm, fp8_quant, mxfp4_gemm
 from .timing import bench_ms
 
 log = logging.getLogger(__name__)
@@ -17,12 +17,21 @@ log = logging.getLogger(__name__)
 TUNE_SHAPES = [  # (label, M, K, N)
     ("zimage qkv", 4352, 3840, 11520),
     ("wan22_5b ffn.2", 27280, 14336, 3072),
+    ("wan22_5b cross_attn.k/v (512 text tokens)", 512, 3072, 3072),
 ]
 FUSED_CONFIGS = [(128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4)]
 W4A16_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (64, 128, 128, 4, 4)]
 DOT_SCALED_CONFIGS = [(128, 128, 128, 8, 3), (128, 128, 64, 4, 4), (128, 256, 128, 8, 3)]
 W4A8_CONFIGS = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4)]
 QUANT_CONFIGS = [(1, 4), (1, 8), (2, 8), (4, 16)]  # (rows per program, num_warps)
+# weights-only FP8 with the weight widened in registers: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+W8A16_CONFIGS = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+]
 
 
 def _jobs(x, q8, q4, smax):
@@ -51,6 +60,16 @@ def _jobs(x, q8, q4, smax):
                 lambda c=c: mxfp4_gemm.mxfp4_linear_w4a8(x, q4.qdata, q4.scale, config=c, row_smax=smax),
             )
         )
+    for c in W8A16_CONFIGS:
+        jobs.append(
+            (
+                "fp8_w8a16_fused",
+                c,
+                lambda c=c: fp8_dequant.fp8_linear_w8a16_fused(x, q8.qdata, q8.scale, config=c),
+            )
+        )
+    # the workspace path it competes with, at the same shape (no configuration of its own)
+    jobs.append(("fp8_w8a16_dequant", "-", lambda: fp8_dequant.fp8_linear_w8a16(x, q8.qdata, q8.scale)))
     for c in QUANT_CONFIGS:
         jobs.append(("act_quant", c, lambda c=c: fp8_quant.quantize_fp8_per_token(x, launch=c)))
     return jobs
