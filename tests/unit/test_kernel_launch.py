@@ -63,7 +63,10 @@ class _FakeKernel:
         return go
 
 
-def test_the_direct_call_passes_every_parameter_in_signature_order(monkeypatch):
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    """A recording stand-in for the FP8 dequantization kernel, launched as on a GPU (Triton 3.4+
+    runtime without hooks, device 0, stream 1234) with an empty launch cache."""
     pytest.importorskip("triton")
     from quant.kernels._tl_fp8_dequant import fp8_dequant_kernel
 
@@ -73,7 +76,12 @@ def test_the_direct_call_passes_every_parameter_in_signature_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
     L.clear_cache()
-    k = _FakeKernel(fp8_dequant_kernel)
+    yield _FakeKernel(fp8_dequant_kernel)
+    L.clear_cache()
+
+
+def test_the_direct_call_passes_every_parameter_in_signature_order(fake_kernel):
+    k = fake_kernel
     q, s, out = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4), torch.empty(4, 32)
     # constexprs in another order than the signature's, plus a launch option that is no parameter
     cx = {"BLOCK_K": 64, "num_warps": 4, "EMULATE_BF16": False, "BLOCK_N": 16, "PER_ROW": True}
@@ -87,20 +95,10 @@ def test_the_direct_call_passes_every_parameter_in_signature_order(monkeypatch):
     assert call[9:16] == (q, s, out, 4, 32, 32, 32) and call[16:] == (True, False, 16, 64)
     L.launch(k, (3, 2), (q, s, out, 1, 32, 32, 32), cx)  # N = 1: another specialization
     assert k.ordinary == 2
-    L.clear_cache()
 
 
-def test_a_launcher_that_refuses_the_arguments_falls_back_to_tritons_launch(monkeypatch, caplog):
-    pytest.importorskip("triton")
-    from quant.kernels._tl_fp8_dequant import fp8_dequant_kernel
-
-    plain = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
-    monkeypatch.setattr(L, "_runtime", lambda: plain)
-    monkeypatch.setattr(L, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1, raising=False)
-    L.clear_cache()
-    k = _FakeKernel(fp8_dequant_kernel)
+def test_a_launcher_that_refuses_the_arguments_falls_back_to_tritons_launch(fake_kernel, caplog):
+    k = fake_kernel
 
     def refuse(*a):
         raise TypeError("function takes exactly 20 arguments")
@@ -114,7 +112,6 @@ def test_a_launcher_that_refuses_the_arguments_falls_back_to_tritons_launch(monk
     # after that Triton's launch every time, and the failure is said once
     assert k.ordinary == 4
     assert sum("cached Triton launch" in r.message for r in caplog.records) == 1
-    L.clear_cache()
 
 
 def test_the_cache_is_off_unless_asked_for(monkeypatch):
