@@ -92,8 +92,7 @@ def fp8_linear_w8a16_fused(x, q, scale, bias=None, out_dtype=None, config=None) 
     m, k = x2.shape
     n = q.shape[0]
     w = q if q.stride(-1) == 1 else q.contiguous()
-    s = scale.float().reshape(-1)
-    s = s if s.is_contiguous() else s.contiguous()
+    s = scale.float().reshape(-1).contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     bm, bn, bk, warps, stages = config or _fused_config(m, n)
     if interpreting():
