@@ -61,15 +61,16 @@ def gemm_pivot(rows: list[dict]) -> str:
 
 def gemm_host_pivot(rows: list[dict]) -> str:
     """One line per small (shape, M): each path's host microseconds per call ("" when not timed)."""
-    timed = [r for r in rows if r.get("host_us") is not None]
-    if not timed:
-        return ""
-    keys, paths = [], []
-    for r in timed:
+    keys, paths, cell = [], [], {}
+    for r in rows:
+        if r.get("host_us") is None:
+            continue
         key = (r["model"], r["layer"], f"{r['M']}×{r['K']}×{r['N']}")
         keys += [key] if key not in keys else []
         paths += [r["path"]] if r["path"] not in paths else []
-    cell = {((r["model"], r["layer"], f"{r['M']}×{r['K']}×{r['N']}"), r["path"]): r["host_us"] for r in timed}
+        cell[key, r["path"]] = r["host_us"]
+    if not keys:
+        return ""
     head = ["model", "layer", "M×K×N"] + paths
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join([*key] + [_fmt(cell.get((key, p))) for p in paths]) + " |" for key in keys]
