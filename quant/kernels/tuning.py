@@ -43,7 +43,7 @@ def choose_fp8_w8a16_path(m: int, n: int, k: int) -> str:
 
 # Below this many tokens the GEMM is weight-bandwidth-bound and the fused in-register decode (which
 # reads 0.53 bytes per weight once) beats writing a 16-bit workspace first. Diffusion steps run
-# thousands of tokens per Linear, where the workspace + cuBLAS path wins (H100 run, D.md).
+# thousands of tokens per Linear, where the workspace + cuBLAS path wins (H100 run, docs/benchmarks.md).
 MXFP4_DEQUANT_MIN_M = 256
 
 
