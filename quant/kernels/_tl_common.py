@@ -75,3 +75,28 @@ def round_to_bf16(v):
     bits = v.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """A GEMM program's output rows and columns (grouped order, `tile_ids`) and their in-bounds
+    masks: (rm, rn, m_ok, n_ok)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def store_tile(
+    acc, bias_ptr, c_ptr, rm, rn, m_ok, n_ok, stride_cm,
+    HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """The GEMMs' shared epilogue: the fp32 tile plus the bias, cast to the output dtype and
+    stored. ROUND_BF16 rounds in fp32 first, for the interpreter (see `round_to_bf16`)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_BF16:
+        acc = round_to_bf16(acc)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -10,7 +10,7 @@ kernel reads x in bf16 once per N-tile column and writes the output once, bias a
 import triton
 import triton.language as tl
 
-from ._tl_common import round_to_e4m3, tile_ids
+from ._tl_common import round_to_e4m3, store_tile, tile_rows_cols
 
 
 @triton.jit
@@ -37,15 +37,10 @@ def fp8_gemm_act_quant_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]
-    m_ok = rm < M
-    n_ok = rn < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -66,7 +61,4 @@ def fp8_gemm_act_quant_kernel(
         acc = acc * ws[None, :]
     else:
         acc = acc * tl.load(ws_ptr)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(acc, bias_ptr, c_ptr, rm, rn, m_ok, n_ok, stride_cm, HAS_BIAS, False)

@@ -10,7 +10,7 @@ pass plus cuBLAS) is what makes it faster than the workspace path.
 import triton
 import triton.language as tl
 
-from ._tl_common import round_to_bf16, tile_ids
+from ._tl_common import store_tile, tile_rows_cols
 
 
 @triton.jit
@@ -35,12 +35,8 @@ def fp8_w8a16_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -60,9 +56,5 @@ def fp8_w8a16_gemm_kernel(
         acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
     else:
         acc = acc * tl.load(s_ptr)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if EMULATE_BF16:
-        acc = round_to_bf16(acc)  # the interpreter's bf16 cast truncates; GPUs round to nearest even
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    # EMULATE_BF16: the interpreter's bf16 cast truncates where GPUs round to nearest even
+    store_tile(acc, bias_ptr, c_ptr, rm, rn, m_ok, n_ok, stride_cm, HAS_BIAS, EMULATE_BF16)

@@ -13,7 +13,7 @@ uint8 [N, K/32]) and are decoded in registers, tile by tile:
 import triton
 import triton.language as tl
 
-from ._tl_common import decode_e2m1, e8m0_to_f32, round_to_e4m3, tile_ids
+from ._tl_common import decode_e2m1, e8m0_to_f32, round_to_e4m3, store_tile, tile_rows_cols
 
 
 @triton.jit
@@ -47,14 +47,10 @@ def mxfp4_w4a16_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     rkh = tl.arange(0, BLOCK_K // 2)
     rks = tl.arange(0, BLOCK_K // 32)
-    m_ok = rm < M
-    n_ok = rn < N
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     p_ptrs = wq_ptr + rn.to(tl.int64)[:, None] * stride_wn + rkh[None, :]
     s_ptrs = ws_ptr + rn.to(tl.int64)[:, None] * stride_sn + rks[None, :]
@@ -73,10 +69,7 @@ def mxfp4_w4a16_kernel(
         a_ptrs += BLOCK_K
         p_ptrs += BLOCK_K // 2
         s_ptrs += BLOCK_K // 32
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(acc, bias_ptr, c_ptr, rm, rn, m_ok, n_ok, stride_cm, HAS_BIAS, False)
 
 
 @triton.jit
@@ -100,14 +93,10 @@ def mxfp4_w4a16_dot_scaled_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     rkh = tl.arange(0, BLOCK_K // 2)
     rks = tl.arange(0, BLOCK_K // 32)
-    m_ok = rm < M
-    n_ok = rn < N
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     p_ptrs = wq_ptr + rn.to(tl.int64)[None, :] * stride_wn + rkh[:, None]  # [BK/2, BN], K-packed
     s_ptrs = ws_ptr + rn.to(tl.int64)[:, None] * stride_sn + rks[None, :]  # [BN, BK/32]
@@ -120,10 +109,7 @@ def mxfp4_w4a16_dot_scaled_kernel(
         a_ptrs += BLOCK_K
         p_ptrs += BLOCK_K // 2
         s_ptrs += BLOCK_K // 32
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(acc, bias_ptr, c_ptr, rm, rn, m_ok, n_ok, stride_cm, HAS_BIAS, False)
 
 
 @triton.jit
@@ -149,14 +135,10 @@ def mxfp4_w4a8_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_ok, n_ok = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     rkh = tl.arange(0, BLOCK_K // 2)
     rks = tl.arange(0, BLOCK_K // 32)
-    m_ok = rm < M
-    n_ok = rn < N
     smax = tl.load(wsmax_ptr + rn, mask=n_ok, other=127).to(tl.int32)
     a_ptrs = aq_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     p_ptrs = wq_ptr + rn.to(tl.int64)[:, None] * stride_wn + rkh[None, :]
@@ -177,7 +159,4 @@ def mxfp4_w4a8_kernel(
         s_ptrs += BLOCK_K // 32
     a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
     acc = acc * a_s[:, None] * e8m0_to_f32(smax)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(acc, bias_ptr, c_ptr, rm, rn, m_ok, n_ok, stride_cm, HAS_BIAS, False)
