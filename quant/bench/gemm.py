@@ -26,6 +26,9 @@ def add_args(parser) -> None:
     parser.add_argument("--gemm-models", default="", help="only shapes of these models (comma list)")
     parser.add_argument("--shapes", default="", help="explicit M:K:N list instead (comma separated)")
     parser.add_argument(
+        "--gemm-paths", default="", help="only these paths of quant/bench/paths.py (comma list; bf16 always)"
+    )
+    parser.add_argument(
         "--compiled",
         action="store_true",
         help="also time compiled paths: gemm, the plain-PyTorch FP8 path (compiles per shape); models, "
@@ -47,6 +50,7 @@ def run(args, device: torch.device) -> list[dict]:
         explicit.setdefault((k_, n_), []).append(m_)
     if explicit:
         shapes = [("custom", f"{k}->{n}", k, n) for k, n in explicit]
+    only = {p for p in getattr(args, "gemm_paths", "").split(",") if p}
     rows: list[dict] = []
     g = torch.Generator(device=device).manual_seed(0)
     for model, layer, k, n in shapes:
@@ -57,6 +61,10 @@ def run(args, device: torch.device) -> list[dict]:
         for m in ms:
             x = torch.randn((m, k), generator=g, device=device).to(torch.bfloat16)
             paths = build_paths(w, b, x, include_compiled=getattr(args, "compiled", False))
+            if only:
+                if unknown := sorted(only - paths.keys()):
+                    raise ValueError(f"--gemm-paths: no path {unknown}; choose from {list(paths)}")
+                paths = {name: v for name, v in paths.items() if name == "bf16" or name in only}
             ref = paths["bf16"][0](x)
             t_bf16 = None
             for name, (fn, nbytes) in paths.items():

@@ -44,6 +44,17 @@ def test_bench_quick_gemm(tmp_path, monkeypatch):
     assert "| model | layer | M×K×N" in md and "ours_fp8_rowwise" in md
 
 
+def test_bench_gemm_runs_only_the_paths_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONLINEQUANT_DISABLE_TRITON", "1")
+    argv = ["--quick", "--sections", "gemm", "--shapes", "8:64:32", "--out", str(tmp_path)]
+    assert main([*argv, "--gemm-paths", "ours_fp8_w8a16,ours_fp8_auto"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]["gemm"]
+    assert sorted(r["path"] for r in rows) == ["bf16", "ours_fp8_auto", "ours_fp8_w8a16"]
+    main([*argv, "--gemm-paths", "ours_fp9"])  # a section that fails is reported, not fatal
+    skipped = json.loads((tmp_path / "results.json").read_text())["skipped"]
+    assert "no path ['ours_fp9']" in skipped["gemm"]
+
+
 @pytest.mark.slow
 def test_bench_quick_models(tmp_path, comfyui_path, monkeypatch):
     monkeypatch.setenv("ONLINEQUANT_DISABLE_TRITON", "1")
