@@ -264,7 +264,9 @@ class AttentionOverride:
 
     def __call__(self, func, *args, **kwargs):
         backend = ATTENTION_BACKENDS.get(self.backend_name)
-        a = dict(zip(_ARG_NAMES, args, strict=False))
+        # equal lengths: Dynamo in torch 2.9 (and older) rejects zip(strict=False) over unequal lengths
+        n = min(len(args), len(_ARG_NAMES))
+        a = dict(zip(_ARG_NAMES[:n], args[:n], strict=True))
         for n in _ARG_NAMES:
             if n in kwargs:
                 a[n] = kwargs[n]
