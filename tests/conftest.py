@@ -114,16 +114,3 @@ def comfy_server(comfyui_path, tmp_path_factory):
     yield server
     server.stop()
 
-
-def has_cpu_scaled_mm() -> bool:
-    """Whether this PyTorch has a CPU `torch._scaled_mm` with row-wise scales (the kernel tests of
-    the `_scaled_mm` paths skip on CPU without it)."""
-    import torch
-
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        one = torch.ones(16, 1)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t().contiguous(), out_dtype=torch.bfloat16)
-        return True
-    except Exception:
-        return False

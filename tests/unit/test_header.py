@@ -44,13 +44,15 @@ def test_valid_file_matches_safetensors_library(tmp_path):
         "blocks.0.w": torch.randn(3, 4, dtype=torch.bfloat16),
         "empty": torch.zeros(0, 5),
         "scalar": torch.tensor(3.0),
-        "fp4": torch.zeros(2, 4, dtype=torch.float4_e2m1fn_x2),
         "fp8": torch.randn(5).to(torch.float8_e4m3fn),
         "e8m0": torch.ones(3).to(torch.float8_e8m0fnu),
         "half": torch.randn(7).half(),
         "ints": torch.arange(6, dtype=torch.int64).reshape(2, 3),
         "flags": torch.tensor([True, False]),
     }
+    fp4 = getattr(torch, "float4_e2m1fn_x2", None)  # PyTorch 2.8 and newer
+    if fp4 is not None:
+        sd["fp4"] = torch.zeros(2, 4, dtype=fp4)
     p = str(tmp_path / "m.safetensors")
     save_file(sd, p, metadata={"format": "pt", "note": "x"})
     h = read_header(p)
@@ -68,7 +70,8 @@ def test_valid_file_matches_safetensors_library(tmp_path):
     # offsets are in file order, contiguous
     ends = [(e.start, e.end) for e in h.tensors.values()]
     assert ends == sorted(ends) and ends[0][0] == 0
-    assert h.shapes()["blocks.0.w"] == (3, 4) and h.shapes()["fp4"] == (2, 8)
+    assert h.shapes()["blocks.0.w"] == (3, 4)
+    assert fp4 is None or h.shapes()["fp4"] == (2, 8)  # two E2M1 codes per byte
 
 
 def test_iter_tensors_subset_and_missing_names(tmp_path):
@@ -325,8 +328,8 @@ def test_all_finite_finds_every_non_finite_float8_byte(attr):
     dtype = getattr(torch, attr, None)
     if dtype is None:
         pytest.skip(f"this torch has no {attr}")
-    every = torch.arange(256, dtype=torch.uint8).view(dtype)
-    finite = every[torch.isfinite(every.float())]
+    every = torch.arange(256, dtype=torch.uint8)
+    finite = every[torch.isfinite(every.view(dtype).float())].view(dtype)  # older CPUs can't index float8
     for b in range(256):
         t = torch.tensor([b], dtype=torch.uint8).view(dtype)
         expected = bool(torch.isfinite(t.float()).all())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import has_cpu_scaled_mm
+from torch_caps import has_cpu_scaled_mm, interpreter_gap
 
 from quant.formats import fp8, get_format
 from quant.kernels import fp8_gemm
@@ -26,6 +26,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", FP8_DTYPES)
 @pytest.mark.parametrize("shape", [(5, 96), (3, 7, 200), (1, 4096), (17, 33), (2, 1)])
 def test_act_quant_bit_exact(device, dtype, shape):
+    if device == "cpu" and dtype == torch.float8_e4m3fnuz and (gap := interpreter_gap("e4m3fnuz")):
+        pytest.skip(gap)
     g = torch.Generator().manual_seed(hash(shape) % 1000)
     x = (torch.randn(shape, generator=g) * 3).to(torch.bfloat16).to(device)
     x.view(-1, shape[-1])[0, : min(3, shape[-1])] = 1e-4  # tiny values: e4m3 subnormals
