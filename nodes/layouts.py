@@ -304,6 +304,32 @@ def _linear_handler(qt, args, kwargs):
     return quantized_linear(x, as_quantized_weight(w), bias, compute=w._params.compute)
 
 
+# `onlinequant::linear_quantized_weight(x, weight, bias)`: what a compiled forward calls for one of
+# our weights. Dynamo records it as one op without reading the weight's params object (which it
+# cannot trace before torch 2.13). Below Dynamo, AOTAutograd unwraps the tensor subclass and the
+# call reaches `_linear_handler` through the layout table, which emits the quantized matmul as
+# plain ops (activation quantization + `_scaled_mm`) for Inductor to fuse. `F.linear` would not
+# do: it is a composite op that decomposes to `t` + `addmm` before the subclass sees it, and
+# those fall back to dequantize + a bf16 matmul. With plain tensors the op is `F.linear`.
+LINEAR_OP_NAME = "linear_quantized_weight"
+_linear_lib: torch.library.Library | None = None  # kept alive: dropping it unregisters the op
+
+
+def _define_linear_op() -> Any:
+    global _linear_lib
+    ns = torch.ops.onlinequant
+    if not hasattr(ns, LINEAR_OP_NAME):  # the pack imported twice in one process defines it once
+        _linear_lib = torch.library.Library("onlinequant", "FRAGMENT")
+        _linear_lib.define(f"{LINEAR_OP_NAME}(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+        _linear_lib.impl(LINEAR_OP_NAME, torch.nn.functional.linear, "CompositeExplicitAutograd")
+        torch.library.register_fake(
+            f"onlinequant::{LINEAR_OP_NAME}",
+            lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
+            lib=_linear_lib,
+        )
+    return getattr(ns, LINEAR_OP_NAME).default
+
+
 _registered = False
 
 
@@ -315,7 +341,9 @@ def register_layouts() -> None:
     global _registered
     if _registered:
         return
+    linear_op = _define_linear_op()
     for name, cls in LAYOUTS.items():
         register_layout_class(name, cls)
         register_layout_op(torch.ops.aten.linear.default, cls)(_linear_handler)
+        register_layout_op(linear_op, cls)(_linear_handler)
     _registered = True

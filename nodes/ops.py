@@ -292,12 +292,15 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
 
     # ---- forward ---------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            if is_online_quant(weight):
+                return quantized_linear(x, as_quantized_weight(weight), bias, compute=weight._params.compute)
+            return torch.nn.functional.linear(x, weight, bias)
         # Compiled, the forward never reads the layout's params object (`_params`), which Dynamo
-        # before torch 2.13 cannot trace: F.linear reaches the same quantized matmul through the
-        # layout's aten.linear handler, which runs below Dynamo (in AOTAutograd's tracing of the
-        # tensor subclass), where it emits plain PyTorch ops Inductor can fuse.
-        if not torch.compiler.is_compiling() and is_online_quant(weight):
-            return quantized_linear(x, as_quantized_weight(weight), bias, compute=weight._params.compute)
+        # before torch 2.13 cannot trace: one op carries the weight below Dynamo, where the layout
+        # emits the quantized matmul as plain ops (see nodes/layouts.py, LINEAR_OP_NAME).
+        if self._oq_format is not None and isinstance(weight, QuantizedTensor):
+            return torch.ops.onlinequant.linear_quantized_weight(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
 
     def forward_comfy_cast_weights(self, input):
