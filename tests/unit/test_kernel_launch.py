@@ -14,7 +14,7 @@ from quant.kernels import launch as L
 
 @pytest.fixture(autouse=True)
 def _cache_on(monkeypatch):
-    """The cache is opt-in (ONLINEQUANT_TRITON_LAUNCH_CACHE=1); these tests are about it."""
+    """The cache, on unless ONLINEQUANT_TRITON_LAUNCH_CACHE=0; these tests are about it."""
     monkeypatch.setattr(L, "CACHE_ENABLED", True)
 
 
@@ -114,14 +114,25 @@ def test_a_launcher_that_refuses_the_arguments_falls_back_to_tritons_launch(fake
     assert sum("cached Triton launch" in r.message for r in caplog.records) == 1
 
 
-def test_the_cache_is_off_unless_asked_for(monkeypatch):
+def test_the_cache_is_on_unless_turned_off(monkeypatch):
     import importlib
 
-    for value, on in (("", False), ("0", False), ("1", True)):
+    monkeypatch.delenv("ONLINEQUANT_TRITON_LAUNCH_CACHE", raising=False)
+    assert importlib.reload(L).CACHE_ENABLED is True
+    for value, on in (("0", False), ("1", True), ("", True)):
         monkeypatch.setenv("ONLINEQUANT_TRITON_LAUNCH_CACHE", value)
         assert importlib.reload(L).CACHE_ENABLED is on
     monkeypatch.undo()  # the environment as it was, and the module read from it again
     importlib.reload(L)
+
+
+def test_an_empty_hook_chain_is_no_hook():
+    """Triton 3.6 keeps an empty HookChain where 3.4/3.5 keep None: neither is a hook, and the
+    cached path must not be switched off (nor call an empty chain) because of it."""
+    chain = types.SimpleNamespace(calls=[])
+    assert not L._hook_set(None) and not L._hook_set(chain)
+    chain.calls.append(lambda *a: None)
+    assert L._hook_set(chain) and L._hook_set(lambda *a: None)
 
 
 def test_a_launch_hook_or_the_interpreter_takes_the_ordinary_path(monkeypatch):
@@ -176,3 +187,5 @@ def test_cached_gemm_launches_match_the_first_launch_and_the_reference_on_a_gpu(
             assert torch.equal(first, again), fn.__name__
             expect = ref(x, qw.qdata, qw.scale).float()
             assert (first.float() - expect).norm() <= 1e-2 * expect.norm(), (fn.__name__, m)
+    if L._runtime() is not None:
+        assert L._COMPILED, "the cached path was never taken"
