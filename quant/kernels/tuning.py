@@ -32,8 +32,11 @@ def choose_fp8_path(m: int, n: int, k: int) -> str:
 
 # FP8 weights-only (W8A16): at or below this many tokens the GEMM is bound by reading the weight and
 # the Triton GEMM that widens FP8 tiles in registers (one byte per weight, one launch) is used;
-# above it, the weight is dequantized to a workspace for cuBLAS. 0 = always the workspace path.
-FP8_W8A16_FUSED_MAX_M = 0
+# above it, the weight is dequantized to a workspace for cuBLAS. H100 (`--sections gemm`, paths
+# ours_fp8_w8a16_fused / ours_fp8_w8a16): the in-register GEMM won every shape measured at M = 1,
+# 16 and 64 (0.009 vs 0.014 ms at 1x256x15360, 0.069 vs 0.142 ms at 64x5120x13824), split at
+# M = 128 (lost 3840x3840, won 5120x13824) and lost from M = 256 (0.44x bf16 at M = 4096).
+FP8_W8A16_FUSED_MAX_M = 64
 
 
 def choose_fp8_w8a16_path(m: int, n: int, k: int) -> str:
