@@ -298,8 +298,13 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
             return torch.nn.functional.linear(x, weight, bias)
         # Compiled, the forward never reads the layout's params object (`_params`), which Dynamo
         # before torch 2.13 cannot trace: one op carries the weight below Dynamo, where the layout
-        # emits the quantized matmul as plain ops (see nodes/layouts.py, LINEAR_OP_NAME).
-        if self._oq_format is not None and isinstance(weight, QuantizedTensor):
+        # emits the quantized matmul as plain ops (see nodes/layouts.py, LINEAR_OP_NAME). That op
+        # has no backward: where a gradient is wanted (training adapters in front of the layer),
+        # F.linear runs on the dequantized weight, whose backward is exact.
+        wants_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        if self._oq_format is not None and isinstance(weight, QuantizedTensor) and not wants_grad:
             return torch.ops.onlinequant.linear_quantized_weight(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
 

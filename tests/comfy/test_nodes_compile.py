@@ -68,3 +68,26 @@ def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, f
     finally:
         torch._dynamo.reset()
         comfy.model_management.unload_all_models()
+
+
+def test_compiled_quantized_linear_passes_gradients_to_its_input(pack, wan_file):
+    """Adapters trained in front of a quantized layer need d/dx through it, compiled too: the
+    compiled forward's op has no backward, so with a gradient wanted the layer takes F.linear on
+    the dequantized weight, and the gradient equals eager's (straight-through for activations)."""
+    import comfy.model_management
+
+    hm.import_submodules(pack, "nodes.loader", "nodes.layouts")
+    mp, _ = pack.nodes.loader.load_quantized(str(wan_file), "fp8_e4m3fn", "", compute_dtype="bf16")
+    comfy.model_management.load_models_gpu([mp])
+    lin = mp.model.diffusion_model.blocks[0].ffn[0]
+    assert pack.nodes.layouts.is_online_quant(lin.weight)
+    x = torch.randn(3, 5, hm.WAN_DIM, generator=torch.Generator().manual_seed(1)).bfloat16()
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch._dynamo.reset()
+    try:
+        torch.compile(lin, fullgraph=True)(xc).float().square().sum().backward()
+        lin(xe).float().square().sum().backward()
+        assert xc.grad is not None and hm.rel_err(xe.grad, xc.grad) < 2e-2
+    finally:
+        torch._dynamo.reset()
+        comfy.model_management.unload_all_models()
