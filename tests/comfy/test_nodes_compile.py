@@ -91,3 +91,37 @@ def test_compiled_quantized_linear_passes_gradients_to_its_input(pack, wan_file)
     finally:
         torch._dynamo.reset()
         comfy.model_management.unload_all_models()
+
+
+@pytest.mark.parametrize("family", ["zimage", "wan"])
+def test_whole_quantized_model_compiles_to_one_graph(pack, comfyui_path, tmp_path, family):
+    """The whole diffusion model (Z-Image / Wan at test size, FP8 W8A8 on its default layers) under
+    torch.compile, inference mode, as ComfyUI samples: one graph, no graph break at the quantized
+    layers or anywhere else once attention is SDPA, and the eager result."""
+    import comfy.model_management
+    from torch._dynamo.utils import counters
+
+    hm.import_submodules(pack, "nodes.loader", "nodes.attention")
+    models = {"zimage": (hm.zimage_model, hm.zimage_inputs), "wan": (hm.wan_model, hm.wan_inputs)}
+    make, inputs = models[family]
+    path = hm.save_model(make(seed=4), tmp_path / f"{family}.safetensors")
+    with hm.zimage_detection():
+        mp, rep = pack.nodes.loader.load_quantized(
+            str(path), "fp8_e4m3fn", None, compute_dtype="bf16", compute="w8a8"
+        )
+    assert rep.quantized()
+    comfy.model_management.load_models_gpu([mp])
+    dm = mp.model.diffusion_model
+    topts = {"optimized_attention_override": pack.nodes.attention.AttentionOverride("sdpa")}
+    counters.clear()
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            ref = dm(**inputs(), transformer_options=topts)
+            out = torch.compile(dm, backend="aot_eager")(**inputs(), transformer_options=topts)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1
+        assert hm.rel_err(ref, out) < 2e-2
+    finally:
+        torch._dynamo.reset()
+        comfy.model_management.unload_all_models()
