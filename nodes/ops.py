@@ -292,21 +292,18 @@ class OnlineQuantLinear(torch.nn.Module, CastWeightBiasOp):
 
     # ---- forward ---------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            if is_online_quant(weight):
-                return quantized_linear(x, as_quantized_weight(weight), bias, compute=weight._params.compute)
+        if not is_online_quant(weight):
             return torch.nn.functional.linear(x, weight, bias)
+        if not torch.compiler.is_compiling():
+            return quantized_linear(x, as_quantized_weight(weight), bias, compute=weight._params.compute)
         # Compiled, the forward never reads the layout's params object (`_params`), which Dynamo
         # before torch 2.13 cannot trace: one op carries the weight below Dynamo, where the layout
         # emits the quantized matmul as plain ops (see nodes/layouts.py, LINEAR_OP_NAME). That op
         # has no backward: where a gradient is wanted (training adapters in front of the layer),
         # F.linear runs on the dequantized weight, whose backward is exact.
-        wants_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        if self._oq_format is not None and isinstance(weight, QuantizedTensor) and not wants_grad:
-            return torch.ops.onlinequant.linear_quantized_weight(x, weight, bias)
-        return torch.nn.functional.linear(x, weight, bias)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.ops.onlinequant.linear_quantized_weight(x, weight, bias)
 
     def forward_comfy_cast_weights(self, input):
         weight, bias, offload_stream = cast_bias_weight(self, input, offloadable=True)
