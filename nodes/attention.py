@@ -264,7 +264,7 @@ class AttentionOverride:
 
     def __call__(self, func, *args, **kwargs):
         backend = ATTENTION_BACKENDS.get(self.backend_name)
-        # equal lengths: Dynamo in torch 2.9 (and older) rejects zip(strict=False) over unequal lengths
+        # equal lengths: Dynamo in torch 2.9 rejects zip(strict=False) over unequal lengths
         n = min(len(args), len(_ARG_NAMES))
         a = dict(zip(_ARG_NAMES[:n], args[:n], strict=True))
         for n in _ARG_NAMES:
