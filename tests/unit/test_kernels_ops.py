@@ -102,10 +102,17 @@ def test_backend_runs_match_reference_on_cpu():
             run(x, qw, b, compute).float(), reference_linear(x, qw, b, compute).float(), rtol=2e-2, atol=atol
         )
     assert registry._fp8_run(x[:0], q8, b, "w8a8").shape == (0, 48)
+    # few tokens: the FP8 backend runs the weights-only in-register GEMM (bf16 activations)
+    few = registry._fp8_run(x[:4], q8, b, "w8a8").float()
+    torch.testing.assert_close(few, reference_linear(x[:4], q8, b, "w8a16").float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(few, reference_linear(x[:4], q8, b, "w8a8").float(), rtol=0, atol=1e-3)
 
 
 def test_per_shape_rules():
     assert tuning.choose_fp8_path(4096, 3072, 3072) == "rowwise"
     assert tuning.choose_fp8_path(4096, 40, 3072) == "fused"  # _scaled_mm needs N % 16 == 0
+    small = tuning.FP8_W8A8_IN_REGISTERS_MAX_M
+    assert tuning.choose_fp8_path(1, 15360, 256) == tuning.choose_fp8_path(small, 40, 3072) == "in_registers"
+    assert tuning.choose_fp8_path(small + 1, 3072, 3072) == "rowwise"
     assert tuning.choose_mxfp4_path(4096, 3072, 3072) == "dequant"
     assert tuning.choose_mxfp4_path(16, 3072, 3072) == "fused"

@@ -1,7 +1,8 @@
 """The Triton kernels (quant/kernels) as matmul backends; the registry imports this module lazily.
 
 - "triton_fp8": FP8 W8A8 on GPUs with FP8 tensor cores; per shape (tuning.py) either the Triton
-  per-token quantization + `torch._scaled_mm` row-wise, or the fused block-FP8 Triton GEMM.
+  per-token quantization + `torch._scaled_mm` row-wise, or the fused block-FP8 Triton GEMM; for a
+  few tokens, the weights-only in-register GEMM of "triton_fp8_w8a16" (one launch).
 - "triton_mxfp4": MXFP4 W4A16 on NVIDIA sm_80+: per shape (tuning.py) decoded into a transient
   bf16 workspace for cuBLAS (large M) or decoded in registers by a Triton GEMM (small M).
 - "triton_mxfp4_w4a8": MXFP4 weights on FP8 tensor cores (sm_89+), when compute="w4a8" is asked.
@@ -43,13 +44,17 @@ def _fp8_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
 
 
 def _fp8_run(x, qw, bias, compute):
+    from ...kernels.fp8_dequant import fp8_linear_w8a16_fused
     from ...kernels.fp8_gemm import fp8_linear_act_fused, fp8_linear_rowwise
 
     n, k = qw.shape
     m = x.numel() // k if k else 0
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
-    if choose_fp8_path(m, n, k) == "fused":
+    path = choose_fp8_path(m, n, k)
+    if path == "in_registers":  # few tokens: weights-only math, one launch (tuning.py)
+        return fp8_linear_w8a16_fused(x, qw.qdata, qw.scale, bias)
+    if path == "fused":
         return fp8_linear_act_fused(x, qw.qdata, qw.scale, bias)
     return fp8_linear_rowwise(x, qw.qdata, qw.scale, bias)
 
