@@ -9,7 +9,10 @@
 - "triton_fp8_w8a16": FP8 weights only (compute "w8a16", e.g. a `weights-only:` layer): per shape
   (tuning.py) the weight dequantized to the activation dtype in one Triton pass, then cuBLAS, or
   (few tokens) one Triton GEMM that widens the FP8 tiles in registers.
-Registration needs no Triton import; `check` says whether Triton is there.
+Registration needs no Triton import; `check` says whether Triton is there. The kernel modules are
+imported at the top: they import no Triton themselves (their `_tl_*` sources do, when a kernel
+first runs), and an import statement in a run function would cost every Linear call ~1 us of host
+time (small layers are host-bound).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from ...formats import WeightFormat
+from ...kernels import fp8_dequant, fp8_gemm, mxfp4_gemm, triton_available
 from ...kernels import ops as _kernel_ops  # noqa: F401  (defines the kernels' torch.library ops)
-from ...kernels import triton_available
 from ...kernels.tuning import choose_fp8_path, choose_fp8_w8a16_path, choose_mxfp4_path
 from ..registry import Backend, DeviceInfo, register_backend
 from .scaled_mm import scaled_mm_check
@@ -44,25 +47,20 @@ def _fp8_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
 
 
 def _fp8_run(x, qw, bias, compute):
-    from ...kernels.fp8_dequant import fp8_linear_w8a16_fused
-    from ...kernels.fp8_gemm import fp8_linear_act_fused, fp8_linear_rowwise
-
     n, k = qw.shape
     m = x.numel() // k if k else 0
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
     path = choose_fp8_path(m, n, k)
     if path == "in_registers":  # few tokens: weights-only math, one launch (tuning.py)
-        return fp8_linear_w8a16_fused(x, qw.qdata, qw.scale, bias)
+        return fp8_dequant.fp8_linear_w8a16_fused(x, qw.qdata, qw.scale, bias)
     if path == "fused":
-        return fp8_linear_act_fused(x, qw.qdata, qw.scale, bias)
-    return fp8_linear_rowwise(x, qw.qdata, qw.scale, bias)
+        return fp8_gemm.fp8_linear_act_fused(x, qw.qdata, qw.scale, bias)
+    return fp8_gemm.fp8_linear_rowwise(x, qw.qdata, qw.scale, bias)
 
 
 def _fp8_traced(x, qw, bias, compute):
-    from ...kernels.fp8_gemm import fp8_linear_traceable
-
-    return fp8_linear_traceable(x, qw.qdata, qw.scale, bias)
+    return fp8_gemm.fp8_linear_traceable(x, qw.qdata, qw.scale, bias)
 
 
 def _fp8_w8a16_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
@@ -77,13 +75,12 @@ def _fp8_w8a16_check(info: DeviceInfo, fmt: WeightFormat) -> tuple[bool, str]:
 
 
 def _fp8_w8a16_run(x, qw, bias, compute):
-    from ...kernels.fp8_dequant import fp8_linear_w8a16, fp8_linear_w8a16_fused
-
     n, k = qw.shape
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], n))
     fused = choose_fp8_w8a16_path(x.numel() // k, n, k) == "fused"
-    return (fp8_linear_w8a16_fused if fused else fp8_linear_w8a16)(x, qw.qdata, qw.scale, bias)
+    run = fp8_dequant.fp8_linear_w8a16_fused if fused else fp8_dequant.fp8_linear_w8a16
+    return run(x, qw.qdata, qw.scale, bias)
 
 
 def _mxfp4_check_for(min_cap: tuple[int, int], what: str):
@@ -101,16 +98,14 @@ def _mxfp4_check_for(min_cap: tuple[int, int], what: str):
 
 
 def _mxfp4_run(x, qw, bias, compute):
-    from ...kernels import mxfp4_gemm as mg
-
     n, k = qw.shape
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], n))
     dequant = choose_mxfp4_path(x.numel() // k, n, k) == "dequant"
     if compute == "w4a8":
-        fn = mg.mxfp4_linear_w4a8_dequant if dequant else mg.mxfp4_linear_w4a8
+        fn = mxfp4_gemm.mxfp4_linear_w4a8_dequant if dequant else mxfp4_gemm.mxfp4_linear_w4a8
     else:
-        fn = mg.mxfp4_linear_w4a16_dequant if dequant else mg.mxfp4_linear_w4a16
+        fn = mxfp4_gemm.mxfp4_linear_w4a16_dequant if dequant else mxfp4_gemm.mxfp4_linear_w4a16
     return fn(x, qw.qdata, qw.scale, bias)
 
 
