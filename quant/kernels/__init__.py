@@ -52,6 +52,14 @@ def flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def flat_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A weight's fp32 scale ([N, 1], [N] or []) as the contiguous 1-D fp32 vector the kernels
+    read; a view when it already is one (one call instead of three: this runs on every Linear)."""
+    if scale.dtype == torch.float32 and scale.is_contiguous():
+        return scale.view(-1)
+    return scale.float().reshape(-1).contiguous()
+
+
 def finish_linear(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Tensor:
     """fp32 GEMM result y [M, N] -> + bias (fp32), cast to out_dtype, reshaped to x's [..., N]:
     the common tail of the `*_reference` linears (and of their emulated fallbacks)."""

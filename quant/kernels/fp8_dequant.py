@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import fp8
-from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
+from . import can_run_triton, finish_linear, flat_rows, flat_scale, interpreting, triton_cdiv
 from .launch import launch as triton_launch
 
 
@@ -30,7 +30,7 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -
 
     n, k = q.shape
     out = torch.empty((n, k), dtype=dtype, device=q.device)
-    s = scale.float().reshape(-1).contiguous()
+    s = flat_scale(scale)
     bn, bk = (16, 64) if interpreting() else (32, 256)
     grid = (triton_cdiv(n, bn), triton_cdiv(k, bk))
     constexprs = {
@@ -92,16 +92,17 @@ def fp8_linear_w8a16_fused(x, q, scale, bias=None, out_dtype=None, config=None) 
     m, k = x2.shape
     n = q.shape[0]
     w = q if q.stride(-1) == 1 else q.contiguous()
-    s = scale.float().reshape(-1).contiguous()
+    s = flat_scale(scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     bm, bn, bk, warps, stages = config or _fused_config(m, n)
-    if interpreting():
+    interp = interpreting()  # one environment read: this wrapper runs on every small FP8 Linear
+    if interp:
         bm, bn, bk = 16, min(bn, 32), min(bk, 32)
     constexprs = {
         "PER_ROW": s.numel() > 1,
         "HAS_BIAS": bias is not None,
-        "INTERPRET": interpreting(),
-        "EMULATE_BF16": interpreting() and out_dtype == torch.bfloat16,
+        "INTERPRET": interp,
+        "EMULATE_BF16": interp and out_dtype == torch.bfloat16,
         "BLOCK_M": bm,
         "BLOCK_N": bn,
         "BLOCK_K": bk,

@@ -15,7 +15,7 @@ import torch
 
 from ..constants import AMAX_EPS as EPS
 from ..formats.fp8 import fp8_max
-from . import can_run_triton, finish_linear, flat_rows, interpreting, triton_cdiv
+from . import can_run_triton, finish_linear, flat_rows, flat_scale, interpreting, triton_cdiv
 from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
 
 ACT_GROUP = 128  # activation scale granularity of the fused kernel (1 x 128, DeepGEMM's choice)
@@ -132,7 +132,7 @@ def fp8_linear_act_fused(
     m, k = x2.shape
     n = w_q.shape[0]
     w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
-    ws = w_scale.float().reshape(-1).contiguous()
+    ws = flat_scale(w_scale)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     bm, bn, warps, stages = config or FUSED_CONFIG
     if interpreting():

@@ -116,3 +116,19 @@ def test_per_shape_rules():
     assert tuning.choose_fp8_path(small + 1, 3072, 3072) == "rowwise"
     assert tuning.choose_mxfp4_path(4096, 3072, 3072) == "dequant"
     assert tuning.choose_mxfp4_path(16, 3072, 3072) == "fused"
+
+
+def test_flat_scale_views_fp32_and_converts_the_rest():
+    """The kernels' 1-D fp32 scale: the weight's own storage when it already is fp32 and contiguous
+    (no copy on each call), a converted copy otherwise; equal values either way."""
+    from quant.kernels import flat_scale
+
+    per_row = torch.rand(8, 1) + 0.5
+    assert flat_scale(per_row).shape == (8,) and flat_scale(per_row).data_ptr() == per_row.data_ptr()
+    assert flat_scale(torch.tensor(0.25)).tolist() == [0.25]
+    half = per_row.to(torch.bfloat16)
+    out = flat_scale(half)
+    assert out.dtype == torch.float32 and torch.equal(out, half.float().reshape(-1))
+    strided = torch.rand(8, 2)[:, :1]  # [8, 1] with row stride 2: not contiguous
+    assert not strided.is_contiguous()
+    assert torch.equal(flat_scale(strided), strided.reshape(-1)) and flat_scale(strided).is_contiguous()
