@@ -31,6 +31,8 @@ def test_the_key_separates_what_triton_specializes_on():
     assert _key(a, 3) != _key(a, 32)  # ints divisible by 16
     assert _key(a, 3) != _key(a, 2**33 + 3)  # i32 vs i64
     assert _key(a, 3) != _key(a, True)  # bool is i1, not an int
+    assert _key(a, 3) != _key(a, -3)  # sign (u64 vs i64 for the largest ints)
+    assert _key(a, 16) != _key(a, 16.0)  # floats are their own type
     assert _key(a, 3, BLOCK=64) != _key(a, 3, BLOCK=128)  # constexprs
     assert _key(a, 3, num_warps=4) != _key(a, 3, num_warps=8)  # launch options
     assert L.launch_key((a,), {}, 0) != L.launch_key((a,), {}, 1)  # device
