@@ -92,6 +92,13 @@ class WeightFormat:
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize_unchunked(self, qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight in dtype as one expression, equal to `dequantize`, for graphs that a
+        compiler fuses into one kernel. `dequantize` writes row chunks into one buffer to bound
+        its fp32 temporaries; traced, each chunk becomes a slice_scatter, a pass over the whole
+        buffer. Formats without one keep `dequantize`."""
+        return self.dequantize(qw, dtype)
+
     def packed_nbytes(self, out_features: int, in_features: int) -> int:
         raise NotImplementedError
 

@@ -145,6 +145,10 @@ class Fp8Format(WeightFormat):
     def dequantize(self, qw: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize(qw.qdata, qw.scale, dtype)
 
+    def dequantize_unchunked(self, qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+        s = qw.scale.float()
+        return (qw.qdata.float() * (s.reshape(-1, 1) if s.numel() > 1 else s)).to(dtype)
+
     def _row_scale(self, qw: QuantizedWeight, start: int, stop: int) -> torch.Tensor:
         return qw.scale[start:stop] if self.granularity == "channel" else qw.scale
 

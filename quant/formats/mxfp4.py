@@ -289,6 +289,10 @@ class Mxfp4Format(WeightFormat):
     def dequantize_rows(self, qw: QuantizedWeight, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(qw.qdata[start:stop], qw.scale[start:stop], dtype)
 
+    def dequantize_unchunked(self, qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+        dev = qw.qdata.device
+        return _dequantize_rows(qw.qdata, qw.scale, _byte_table(dev), _scale_table(dev)).to(dtype)
+
     def quantize_activation_values(
         self, x: torch.Tensor, bits: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

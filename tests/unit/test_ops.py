@@ -401,6 +401,38 @@ def test_eager_shortcut_only_where_the_op_is_not_needed():
     assert any("onlinequant.fp8_linear" in str(t) for t in targets), targets
 
 
+@pytest.mark.parametrize("fmt,compute", [("fp8", "w8a16"), ("fp8_e4m3fn_tensor", "w8a16"), ("mxfp4", "auto")])
+def test_traced_weights_only_is_one_dequantize_and_one_matmul(fmt, compute, monkeypatch):
+    """A weights-only layer traced below Dynamo (how a compiled model's quantized weights reach
+    the graph) dequantizes the whole weight and runs one matmul with the bias: no row chunks
+    written into the output or the weight, which a functional graph turns into slice_scatter
+    passes over the whole buffer. The chunk size is shrunk so that chunking would show here."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from quant.formats import fp8, mxfp4
+    from quant.matmul import reference
+
+    for module in (reference, fp8, mxfp4):
+        monkeypatch.setattr(module, "_CHUNK_ELEMS", 64)
+    f = get_format(fmt)
+    qw = f.quantize(torch.randn(24, 64) * 0.05)
+    assert torch.equal(f.dequantize_unchunked(qw, torch.bfloat16), f.dequantize(qw, torch.bfloat16))
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    bias = torch.randn(24, dtype=torch.bfloat16)
+    g = make_fx(lambda t: quantized_linear(t, qw, bias, compute=compute), tracing_mode="real")(x)
+    aten = torch.ops.aten
+    calls = [n for n in g.graph.nodes if n.op == "call_function"]
+    matmuls = [n for n in calls if n.target in (aten.mm.default, aten.addmm.default, aten.linear.default)]
+    assert len(matmuls) == 1, g.code
+    # a chunk written into a buffer: copy_ into a slice (MXFP4's 256-entry scale table sets one
+    # element, a select: not a chunk)
+    chunk_writes = [
+        n for n in calls if n.target == aten.copy_.default and n.args[0].target == aten.slice.Tensor
+    ]
+    assert not chunk_writes and aten.slice_scatter.default not in [n.target for n in calls], g.code
+    torch.testing.assert_close(g(x), reference_linear(x, qw, bias, compute), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize(
     "fmt,compute", [("fp8", "w8a8"), ("fp8", "w8a16"), ("fp8_e4m3fn_tensor", "auto"), ("mxfp4", "w4a4"),
                     ("mxfp4", "w4a8"), ("mxfp4", "auto")]
