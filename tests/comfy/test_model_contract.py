@@ -196,7 +196,7 @@ def test_hook_lora_sampling_restores_the_cached_model(mods, wan_file, fmt, mode)
     neg_h = comfy.hooks.set_conds_props([neg], 1.0, "default", hooks=hooks)[0] if mode == "minvram" else neg
 
     orig_deq = comfy.utils.get_attr(mp.model, WATCH).dequantize().float().cpu()
-    want = fmt_obj.quantize(_expected_hooked(mp, lora_sd))
+    want = _expected_hooked(mp, lora_sd)
     restore_err, hooked_ok, modes = [], [], []
 
     def on_apply(patcher, applied):
@@ -205,10 +205,8 @@ def test_hook_lora_sampling_restores_the_cached_model(mods, wan_file, fmt, mode)
         if applied is None:  # just restored
             restore_err.append(hm.rel_err(orig_deq, w.dequantize().float().cpu()))
         else:
-            hooked_ok.append(
-                torch.equal(w._qdata.view(torch.uint8).cpu(), want.qdata.view(torch.uint8))
-                and torch.equal(w._params.scale.cpu(), want.scale)
-            )
+            got = fmt_obj.dequantize(mods.nodes.layouts.as_quantized_weight(w), torch.float32).cpu()
+            hooked_ok.append(_requantized_matches(fmt_obj, want, got))
 
     m = mp.clone()
     m.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, on_apply)
@@ -248,6 +246,19 @@ def _deq_model(mp) -> dict:
     return out
 
 
+def _requantized_matches(fmt, want: torch.Tensor, got: torch.Tensor) -> bool:
+    """got (fp32, dequantized) is `want` requantized in fmt. Bit for bit where ComfyUI patches on
+    the CPU, which is where this expectation is computed; on a GPU ComfyUI's patch arithmetic
+    (fused multiply-adds, TF32 LoRA products) differs in the last fp32 bits, which moves a value
+    across a rounding boundary of the format now and then: there at most 1 in 1000 elements may
+    differ, and the whole stays within 1e-3 of the requantized expectation (quantization itself
+    is ~100x coarser)."""
+    exp = fmt.dequantize(fmt.quantize(want), torch.float32)
+    if comfy.model_management.get_torch_device().type == "cpu":
+        return torch.equal(exp, got)
+    return (exp != got).float().mean().item() <= 1e-3 and hm.rel_err(exp, got) < 1e-3
+
+
 def _is_quantized(mp, key) -> bool:
     return hasattr(mp.model.diffusion_model.get_parameter(key), "_qdata")
 
@@ -275,8 +286,7 @@ def test_merge_simple_with_a_quantized_model(mods, wan_file, wan2_file, quantize
         want = w1[k] * ratio + w2[k] * (1 - ratio)
         if _is_quantized(merged, k):
             n_quantized += 1
-            want = fmt.dequantize(fmt.quantize(want), torch.float32)
-            assert torch.equal(want, got[k]), k
+            assert _requantized_matches(fmt, want, got[k]), k
         else:
             assert hm.rel_err(want, got[k]) < 1e-2, k  # stored in bf16
     assert n_quantized > 0 if quantized_side != "model2" else n_quantized == 0
@@ -309,4 +319,4 @@ def test_other_merge_nodes_with_quantized_models(mods, wan_file, wan2_file, node
     fmt = mods.quant.formats.get_format("fp8_e4m3fn")
     for k in ("blocks.0.ffn.0.weight", "text_embedding.0.weight"):
         assert _is_quantized(merged, k)
-        assert torch.equal(fmt.dequantize(fmt.quantize(expect[k]), torch.float32), got[k]), k
+        assert _requantized_matches(fmt, expect[k], got[k]), k

@@ -31,7 +31,10 @@ def wan_file(comfyui_path, tmp_path_factory):
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).view(torch.uint8) if t.dim() else t.detach().reshape(1).view(torch.uint8)
+    """The tensor's bytes on the CPU (a loaded model's weights live on its load device, an
+    unloaded one's are offloaded: comparisons must not depend on where)."""
+    t = t.detach().cpu()
+    return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
 
 
 def _stored(sd: dict) -> dict[str, torch.Tensor]:
