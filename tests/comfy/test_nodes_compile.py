@@ -70,6 +70,53 @@ def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, f
         comfy.model_management.unload_all_models()
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3fn", "mxfp4"])
+def test_compiled_weights_only_layers_are_one_dequantize_and_one_matmul(pack, wan_file, fmt, monkeypatch):
+    """`weights-only:` layers (Wan's attention by default) in a compiled block: each is one whole-
+    weight dequantize and one matmul in the graph Inductor gets. Row chunks written into one
+    buffer (how the reference bounds its memory) become slice_scatter passes over the whole
+    output there, which made a compiled Wan 2.2 5B step slower than eager on an H100. The chunk
+    sizes are shrunk so that chunking would show at test size."""
+    import comfy.model_management
+
+    hm.import_submodules(pack, "nodes.loader", "nodes.attention", "nodes.layouts", "quant.matmul.reference")
+    for module in (pack.quant.matmul.reference, pack.quant.formats.fp8, pack.quant.formats.mxfp4):
+        monkeypatch.setattr(module, "_CHUNK_ELEMS", 64)
+    plan = "weights-only: self_attn\nweights-only: cross_attn"
+    mp, rep = pack.nodes.loader.load_quantized(str(wan_file), fmt, plan, compute_dtype="bf16")
+    assert sum(r.compute.endswith("a16") for r in rep.quantized()) >= 6
+    comfy.model_management.load_models_gpu([mp])
+    dm = mp.model.diffusion_model
+    blk = dm.blocks[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, hm.WAN_DIM, generator=g).bfloat16()
+    e = torch.randn(1, 6, hm.WAN_DIM, generator=g).bfloat16()
+    ctx = torch.randn(1, 12, hm.WAN_DIM, generator=g).bfloat16()
+    freqs = dm.rope_encode(1, 8, 8, device=x.device, dtype=x.dtype)
+    topts = {"optimized_attention_override": pack.nodes.attention.AttentionOverride("sdpa")}
+    kw = dict(e=e, freqs=freqs, context=ctx, transformer_options=topts)
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = blk(x, **kw)
+            out = torch.compile(blk, fullgraph=True, backend=aot_autograd(fw_compiler=keep_graph))(x, **kw)
+        assert hm.rel_err(ref, out) < 1e-2
+        aten = torch.ops.aten
+        nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+        matmuls = [n for n in nodes if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default)]
+        assert len(matmuls) >= 10, [str(n.target) for n in nodes]  # q k v o, cross q k v o, ffn.0/2
+        assert aten.slice_scatter.default not in [n.target for n in nodes], [str(n.target) for n in nodes]
+    finally:
+        torch._dynamo.reset()
+        comfy.model_management.unload_all_models()
+
+
 def test_compiled_quantized_linear_passes_gradients_to_its_input(pack, wan_file):
     """Adapters trained in front of a quantized layer need d/dx through it, compiled too: the
     compiled forward's op has no backward, so with a gradient wanted the layer takes F.linear on
