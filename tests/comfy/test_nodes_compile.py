@@ -18,18 +18,15 @@ def wan_file(comfyui_path, tmp_path_factory):
     return hm.save_model(hm.wan_model(seed=4), tmp_path_factory.mktemp("wanc") / "wan_tiny.safetensors")
 
 
-# activations quantized (W8A8 / W4A8, emulated on the CPU): the graph shows whether the quantized
-# matmul was traced, since only it converts activations to float8
-@pytest.mark.parametrize("fmt,compute", [("fp8_e4m3fn", "w8a8"), ("mxfp4", "w4a8")])
-def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, fmt, compute):
+def _compile_first_block(pack, mp):
+    """Block 0 of a loaded Wan model run eagerly and compiled (fullgraph, PyTorch SDPA) through
+    AOTAutograd: (eager output, compiled output, the call nodes of the graphs Inductor would get).
+    The caller unloads the model and resets Dynamo."""
     import comfy.model_management
 
-    hm.import_submodules(pack, "nodes.loader", "nodes.attention", "nodes.layouts")
-    mp, _ = pack.nodes.loader.load_quantized(str(wan_file), fmt, "", compute_dtype="bf16", compute=compute)
     comfy.model_management.load_models_gpu([mp])
     dm = mp.model.diffusion_model
     blk = dm.blocks[0]
-    assert pack.nodes.layouts.is_online_quant(blk.self_attn.q.weight)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, hm.WAN_DIM, generator=g).bfloat16()
     e = torch.randn(1, 6, hm.WAN_DIM, generator=g).bfloat16()
@@ -44,14 +41,27 @@ def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, f
         return gm
 
     torch._dynamo.reset()
+    with torch.no_grad():
+        ref = blk(x, **kw)
+        out = torch.compile(blk, fullgraph=True, backend=aot_autograd(fw_compiler=keep_graph))(x, **kw)
+    return ref, out, [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+
+# activations quantized (W8A8 / W4A8, emulated on the CPU): the graph shows whether the quantized
+# matmul was traced, since only it converts activations to float8
+@pytest.mark.parametrize("fmt,compute", [("fp8_e4m3fn", "w8a8"), ("mxfp4", "w4a8")])
+def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, fmt, compute):
+    import comfy.model_management
+
+    hm.import_submodules(pack, "nodes.loader", "nodes.attention", "nodes.layouts")
+    mp, _ = pack.nodes.loader.load_quantized(str(wan_file), fmt, "", compute_dtype="bf16", compute=compute)
+    blk = mp.model.diffusion_model.blocks[0]
+    assert pack.nodes.layouts.is_online_quant(blk.self_attn.q.weight)
     try:
-        with torch.no_grad():
-            ref = blk(x, **kw)
-            out = torch.compile(blk, fullgraph=True, backend=aot_autograd(fw_compiler=keep_graph))(x, **kw)
+        ref, out, nodes = _compile_first_block(pack, mp)
         # the traced graph decomposes ops (linear -> mm) as eager does not: equal up to rounding
         assert hm.rel_err(ref, out) < 1e-2
         # the quantized matmuls are plain ops in the graph (no opaque op), for Inductor to fuse
-        nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"]
         assert nodes and not [n for n in nodes if "onlinequant" in str(n.target)]
         # ... and they are the quantized matmul, not a dequantize-then-matmul fallback: F.linear
         # on the weight decomposes to t + addmm before the weight's layout sees it, and those
@@ -60,7 +70,7 @@ def test_compile_quantized_block_fullgraph_and_linear_inductor(pack, wan_file, f
         assert len(to_fp8) >= 6, [str(n.target) for n in nodes]  # q, k, v, o, ffn.0, ffn.2 at least
 
         lin = blk.ffn[0]
-        xx = torch.randn(3, 5, hm.WAN_DIM, generator=g).bfloat16()
+        xx = torch.randn(3, 5, hm.WAN_DIM, generator=torch.Generator().manual_seed(1)).bfloat16()
         torch._dynamo.reset()
         with torch.no_grad():
             got = torch.compile(lin, fullgraph=True)(xx)
@@ -85,33 +95,14 @@ def test_compiled_weights_only_layers_are_one_dequantize_and_one_matmul(pack, wa
     plan = "weights-only: self_attn\nweights-only: cross_attn"
     mp, rep = pack.nodes.loader.load_quantized(str(wan_file), fmt, plan, compute_dtype="bf16")
     assert sum(r.compute.endswith("a16") for r in rep.quantized()) >= 6
-    comfy.model_management.load_models_gpu([mp])
-    dm = mp.model.diffusion_model
-    blk = dm.blocks[0]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, hm.WAN_DIM, generator=g).bfloat16()
-    e = torch.randn(1, 6, hm.WAN_DIM, generator=g).bfloat16()
-    ctx = torch.randn(1, 12, hm.WAN_DIM, generator=g).bfloat16()
-    freqs = dm.rope_encode(1, 8, 8, device=x.device, dtype=x.dtype)
-    topts = {"optimized_attention_override": pack.nodes.attention.AttentionOverride("sdpa")}
-    kw = dict(e=e, freqs=freqs, context=ctx, transformer_options=topts)
-    graphs = []
-
-    def keep_graph(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
     try:
-        with torch.no_grad():
-            ref = blk(x, **kw)
-            out = torch.compile(blk, fullgraph=True, backend=aot_autograd(fw_compiler=keep_graph))(x, **kw)
+        ref, out, nodes = _compile_first_block(pack, mp)
         assert hm.rel_err(ref, out) < 1e-2
         aten = torch.ops.aten
-        nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+        names = [str(n.target) for n in nodes]
         matmuls = [n for n in nodes if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default)]
-        assert len(matmuls) >= 10, [str(n.target) for n in nodes]  # q k v o, cross q k v o, ffn.0/2
-        assert aten.slice_scatter.default not in [n.target for n in nodes], [str(n.target) for n in nodes]
+        assert len(matmuls) >= 10, names  # self and cross q, k, v, o; ffn.0 and ffn.2
+        assert aten.slice_scatter.default not in [n.target for n in nodes], names
     finally:
         torch._dynamo.reset()
         comfy.model_management.unload_all_models()
