@@ -60,6 +60,13 @@ def flat_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.float().reshape(-1).contiguous()
 
 
+def scale_row(scale: torch.Tensor, n: int) -> torch.Tensor:
+    """A weight's fp32 scale (per channel or per tensor) as the [1, N] row that `_scaled_mm`
+    takes for row-wise scaling; a view of the stored per-channel scale (no copy, no launch)."""
+    s = flat_scale(scale)
+    return (s if s.numel() == n else s.expand(n).contiguous()).view(1, n)
+
+
 def finish_linear(y: torch.Tensor, x: torch.Tensor, bias, out_dtype) -> torch.Tensor:
     """fp32 GEMM result y [M, N] -> + bias (fp32), cast to out_dtype, reshaped to x's [..., N]:
     the common tail of the `*_reference` linears (and of their emulated fallbacks)."""

@@ -15,19 +15,10 @@ import torch
 
 from ..constants import AMAX_EPS as EPS
 from ..formats.fp8 import fp8_max
-from . import can_run_triton, finish_linear, flat_rows, flat_scale, interpreting, triton_cdiv
+from . import can_run_triton, finish_linear, flat_rows, flat_scale, interpreting, scale_row, triton_cdiv
 from .fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
 
 ACT_GROUP = 128  # activation scale granularity of the fused kernel (1 x 128, DeepGEMM's choice)
-
-
-def _w_scale_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
-    """Weight scale as the [1, N] fp32 row that `_scaled_mm` takes for row-wise scaling.
-    A contiguous fp32 [N, 1] scale (the stored per-channel layout) is only re-viewed: no copy and
-    no kernel launch per call (small GEMMs are host-bound, see docs/benchmarks.md)."""
-    if w_scale.dtype == torch.float32 and w_scale.numel() == n and w_scale.is_contiguous():
-        return w_scale.view(1, n)
-    return w_scale.float().reshape(-1, 1).expand(n, 1).reshape(1, n).contiguous()
 
 
 # Hopper FP8 fast accumulation for the row-wise GEMM, chosen by measurement (docs/benchmarks.md):
@@ -52,7 +43,7 @@ def _rowwise_emulated(
     q: torch.Tensor, s: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     """The row-wise FP8 GEMM in fp32: (q . w_q) * x_scale * w_scale, fp32 [M, N]."""
-    return (q.float() @ w_q.float().t()) * s * _w_scale_row(w_scale, w_q.shape[0])
+    return (q.float() @ w_q.float().t()) * s * scale_row(w_scale, w_q.shape[0])
 
 
 def fp8_linear_rowwise(
@@ -80,7 +71,7 @@ def fp8_linear_rowwise(
         q,
         w_q.t(),
         scale_a=s,
-        scale_b=_w_scale_row(w_scale, n),
+        scale_b=scale_row(w_scale, n),
         bias=b,
         out_dtype=mm_dtype,
         use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum,
@@ -107,7 +98,7 @@ def fp8_linear_act_fused_reference(
     wp = torch.nn.functional.pad(w_q.float(), (0, pad)).view(n, -1, ACT_GROUP)
     # sum over groups of (q_g . w_g) * s_g, the kernel's order of operations
     parts = torch.einsum("mgk,ngk->gmn", q.float(), wp)
-    y = (parts * s.permute(1, 0, 2)).sum(0) * _w_scale_row(w_scale, n)
+    y = (parts * s.permute(1, 0, 2)).sum(0) * scale_row(w_scale, n)
     return finish_linear(y, x, bias, out_dtype or x.dtype)
 
 
@@ -185,7 +176,7 @@ def fp8_linear_traceable(
         q,
         w_q.t(),
         scale_a=s,
-        scale_b=_w_scale_row(w_scale, n),
+        scale_b=scale_row(w_scale, n),
         bias=b,
         out_dtype=torch.bfloat16,
         use_fast_accum=FAST_ACCUM,

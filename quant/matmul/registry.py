@@ -342,9 +342,8 @@ def _weights_only_traced(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tenso
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _reference_traced(x, qw, bias, compute):
-    fmt = get_format(qw.format)
-    if (fmt.computes[-1] if compute == "auto" else compute).endswith("a16"):
+def _reference_traced(x, qw, bias, compute):  # compute: resolve_traced's concrete mode
+    if compute.endswith("a16"):
         return _weights_only_traced(x, qw, bias, compute)
     return reference_linear(x, qw, bias, compute)
 

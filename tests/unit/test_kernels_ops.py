@@ -132,3 +132,10 @@ def test_flat_scale_views_fp32_and_converts_the_rest():
     strided = torch.rand(8, 2)[:, :1]  # [8, 1] with row stride 2: not contiguous
     assert not strided.is_contiguous()
     assert torch.equal(flat_scale(strided), strided.reshape(-1)) and flat_scale(strided).is_contiguous()
+    # ... and as the [1, N] row `_scaled_mm` takes: a view per channel, expanded per tensor
+    from quant.kernels import scale_row
+
+    row = scale_row(per_row, 8)
+    assert row.shape == (1, 8) and row.data_ptr() == per_row.data_ptr()
+    assert torch.equal(scale_row(torch.tensor(0.25), 8), torch.full((1, 8), 0.25))
+    assert scale_row(torch.tensor(0.25), 8).is_contiguous()

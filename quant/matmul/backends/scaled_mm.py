@@ -17,6 +17,7 @@ import torch
 
 from ...errors import BackendUnavailableError
 from ...formats import QuantizedWeight, WeightFormat, fp8
+from ...kernels import scale_row
 from ..reference import reference_linear
 from ..registry import Backend, DeviceInfo, register_backend
 
@@ -64,14 +65,11 @@ def scaled_mm_args(xq: torch.Tensor, x_scale: torch.Tensor, qw: QuantizedWeight)
     """Arguments of torch._scaled_mm for a row-wise-scaled FP8 GEMM (kept apart so CPU tests can
     check shapes and layouts): a [M, K] row-major, b = weight.t() [K, N] column-major,
     scale_a [M, 1] fp32, scale_b [1, N] fp32, bf16 out (row-wise scaling requires bf16)."""
-    n = qw.shape[0]
-    w_scale = qw.scale.float().reshape(-1)
-    scale_b = (w_scale.expand(n) if w_scale.numel() == 1 else w_scale).reshape(1, n).contiguous()
     return {
         "mat1": xq.contiguous(),
         "mat2": qw.qdata.t(),  # qdata [N, K] row-major -> [K, N] column-major, no copy
         "scale_a": x_scale.float().reshape(-1, 1).contiguous(),
-        "scale_b": scale_b,
+        "scale_b": scale_row(qw.scale, qw.shape[0]),
         "out_dtype": torch.bfloat16,
     }
 
